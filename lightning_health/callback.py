@@ -11,6 +11,8 @@ Data flow of one sampled step::
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 import warnings
 from collections.abc import Mapping
@@ -24,15 +26,18 @@ from lightning_health._compat import CallbackBase, grad_scale_tensor, rank_zero
 from lightning_health.accumulate import Accumulator, LayerReading, layer_param_groups, param_grad_norms
 from lightning_health.capture import Capture, Mode
 from lightning_health.diagnosis import Finding, FindingLog, Thresholds, evaluate
+from lightning_health.heatmap import render_heatmap
 from lightning_health.history import History
 from lightning_health.report import HealthReport, print_report
 from lightning_health.schedule import is_sampled, validate_every_n_steps
 from lightning_health.selection import LayerSpec, MonitoredLayer, select_layers, validate_layer_spec
 from lightning_health.sinks import Histogram, SinkSet, sinks_for
+from lightning_health.sinks.format import run_summary
 
 OnCritical = Literal["warn", "stop", "raise"]
 _ON_CRITICAL = ("warn", "stop", "raise")
 _UNSUPPORTED_STRATEGIES = re.compile(r"fsdp|deepspeed", re.IGNORECASE)
+HEATMAP_TAG = "health/dead_fraction_heatmap"
 
 
 class HealthCriticalError(RuntimeError):
@@ -71,6 +76,14 @@ class HealthMonitor(CallbackBase):
         max_points: points kept per curve before the older half is thinned (bounded memory).
         verbose: print the watched layers at start, critical findings as they appear, and the
             per-layer chart at the end of fit (rank zero only).
+        writer: a ``torch.utils.tensorboard.SummaryWriter`` (or a log directory to open one in) to
+            write the TensorBoard dashboard to directly, with or without a Lightning logger. Pass a
+            directory under ``ddp_spawn``: an open writer cannot be pickled to the spawned processes.
+        dashboard: write the TensorBoard diagnosis panel (custom scalars), the findings (text in
+            TensorBoard, a table in W&B) and the dead-fraction heatmap to loggers that show them.
+            Scalars, histograms and the W&B config/summary are written either way.
+        heatmap_every_n_samples: re-render the dead-fraction heatmap (layers x sampled steps) every
+            this many sampled steps, and once at the end of training; ``None`` for no heatmap.
 
     Raises:
         TypeError, ValueError: for bad arguments, naming the argument.
@@ -96,6 +109,9 @@ class HealthMonitor(CallbackBase):
         saturation_margin: float = 0.01,
         max_points: int = 4096,
         verbose: bool = True,
+        writer: Any = None,
+        dashboard: bool = True,
+        heatmap_every_n_samples: int | None = 10,
     ) -> None:
         self.every_n_steps = validate_every_n_steps(every_n_steps)
         validate_layer_spec(layers)
@@ -125,6 +141,13 @@ class HealthMonitor(CallbackBase):
             raise ValueError(f"Expected `saturation_margin` to be a fraction in (0, 0.5), got {saturation_margin!r}")
         self.saturation_margin = float(saturation_margin)
         self.verbose = bool(verbose)
+        if writer is not None and not isinstance(writer, (str, os.PathLike)) and not hasattr(writer, "add_scalar"):
+            raise TypeError(f"Expected `writer` to be a SummaryWriter or a log directory, got {writer!r}")
+        self.writer = writer
+        self.dashboard = bool(dashboard)
+        if heatmap_every_n_samples is not None:
+            _positive_int("heatmap_every_n_samples", heatmap_every_n_samples)
+        self.heatmap_every_n_samples = heatmap_every_n_samples
         self._history = History(_positive_int("max_points", max_points, minimum=16))
         self._findings = FindingLog()
         self._last_units: dict[str, tuple[int | None, int]] = {}
@@ -141,6 +164,7 @@ class HealthMonitor(CallbackBase):
         self._armed_step: int | None = None
         self._rectifiers: set[str] = set()
         self._host_edges: dict[str, tuple[float, ...]] = {}
+        self._samples_published = 0
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -221,7 +245,8 @@ class HealthMonitor(CallbackBase):
         self._rectifiers = {layer.name for layer in chosen if layer.profile.rectifier}
         self._param_groups = layer_param_groups([(n, m) for n, m in pl_module.named_modules() if n])
         if rank_zero(trainer):
-            self._sinks = SinkSet(sinks_for(getattr(trainer, "loggers", [])))
+            self._sinks = SinkSet(sinks_for(getattr(trainer, "loggers", []), writer=self.writer))
+            self._sinks.start(self.settings(), [layer.name for layer in chosen])
         self._capture.attach()
         if self._pending_state is not None:
             self._accumulator.load_state_dict(self._pending_state.get("accumulator", {}))
@@ -253,6 +278,7 @@ class HealthMonitor(CallbackBase):
             self._pending_state = {"accumulator": self._accumulator.state_dict()}
         self._capture = None
         self._accumulator = None
+        self._sinks.close()
         self._sinks = SinkSet([])
         self._param_groups = []
         self._param_norms = None
@@ -318,6 +344,7 @@ class HealthMonitor(CallbackBase):
             window=self.dead_window,
         )
         self._react(trainer, self._findings.record(found, checked, step), step)
+        self._publish(step)
 
     def _tabulate(
         self, step: int, readings: list[LayerReading], capture: Capture
@@ -386,6 +413,8 @@ class HealthMonitor(CallbackBase):
         self._sinks.write(step, scalars, {})
         found, checked = evaluate(step, snapshot, self.thresholds, rectifiers=self._rectifiers)
         self._react(trainer, self._findings.record(found, checked, step), step)
+        if self.dashboard:
+            self._sinks.findings(step, self.diagnose())
 
     # -- reacting and reporting ------------------------------------------------------------------------
     def _react(self, trainer: Any, escalated: list[Finding], step: int) -> None:
@@ -403,6 +432,43 @@ class HealthMonitor(CallbackBase):
                 print(f"HealthMonitor: stopping the run at step {step} (on_critical='stop').", flush=True)
         elif rank_zero(trainer):
             warnings.warn(f"critical health finding(s) at step {step}:\n{lines}", RuntimeWarning, stacklevel=2)
+
+    # -- dashboards -----------------------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """The monitor's settings as plain values (what goes into a W&B run's config)."""
+        return {
+            "every_n_steps": self.every_n_steps,
+            "layers_spec": repr(self.layers),
+            "dead_window": self.dead_window,
+            "histogram_bins": self.histogram_bins,
+            "histogram_samples": self.histogram_samples,
+            "log_histograms": self.log_histograms,
+            "on_critical": self.on_critical,
+            "saturation_margin": self.saturation_margin,
+            "thresholds": dataclasses.asdict(self.thresholds),
+            "dashboard": self.dashboard,
+            "heatmap_every_n_samples": self.heatmap_every_n_samples,
+        }
+
+    def _publish(self, step: int, final: bool = False) -> None:
+        """Findings (when they changed) and, every so often, the heatmap; no work without a sink for them."""
+        if not self.dashboard or not self._sinks.sinks:
+            return
+        self._sinks.findings(step, self.diagnose())
+        self._samples_published += not final
+        every = self.heatmap_every_n_samples
+        if every and self._sinks.takes_images and (final or self._samples_published % every == 0):
+            curves = self.curves("dead_fraction")
+            if curves:
+                self._sinks.image(step, HEATMAP_TAG, render_heatmap(curves, self.monitored_layers))
+
+    @override
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if not self._sinks.sinks:
+            return
+        step = trainer.global_step
+        self._publish(step, final=True)
+        self._sinks.finish(step, run_summary(self.curves("dead_fraction"), self.diagnose(), self.monitored_layers))
 
     @override
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
