@@ -1,0 +1,101 @@
+"""Summaries of read-back runs as plain data: the per-layer table and when each layer died.
+
+No rendering here (the command line prints these as text or JSON, :mod:`lightning_health.panel`
+draws them): only the choice of which numbers describe a run.
+
+Example:
+    >>> from pathlib import Path
+    >>> from lightning_health.tensorboard_reader import RunHealth
+    >>> run = RunHealth("sick", Path("."), {"dead_fraction": {"net.1": [(0, 0.0), (10, 0.25), (20, 1.0)]}})
+    >>> death_onsets(run, dead_threshold=0.2)
+    {'net.1': 10}
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from lightning_health.tensorboard_reader import RunHealth
+
+#: The table's columns: (metric, heading). ``dead_fraction`` and ``saturation`` print as percentages.
+TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("act_mean", "act mean"),
+    ("act_std", "act std"),
+    ("grad_std", "grad std"),
+    ("grad_max", "max grad"),
+    ("dead_fraction", "dead"),
+    ("saturation", "sat"),
+    ("nonfinite", "NaN/Inf"),
+)
+PERCENT_METRICS = frozenset({"dead_fraction", "saturation", "zero_fraction", "val_dead_fraction"})
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """The latest readings of one layer; ``None`` where the metric was never written for it."""
+
+    layer: str
+    step: int | None
+    act_mean: float | None
+    act_std: float | None
+    grad_std: float | None
+    grad_max: float | None
+    dead_fraction: float | None
+    saturation: float | None
+    nonfinite: float | None
+
+    def as_dict(self) -> dict[str, object]:
+        """The row as a plain dict (field name -> value)."""
+        return asdict(self)
+
+
+def layer_rows(run: RunHealth) -> list[LayerRow]:
+    """One row per layer with each metric's latest reading, in the run's layer order.
+
+    ``step`` is the last step at which any of the layer's table metrics was written.
+    """
+    rows = []
+    for layer in run.layers:
+        values: dict[str, float | None] = {}
+        steps: list[int] = []
+        for metric, _ in TABLE_COLUMNS:
+            points = run.curves.get(metric, {}).get(layer)
+            values[metric] = points[-1][1] if points else None
+            if points:
+                steps.append(points[-1][0])
+        rows.append(LayerRow(layer=layer, step=max(steps) if steps else None, **values))  # type: ignore[arg-type]
+    return rows
+
+
+def death_onsets(run: RunHealth, dead_threshold: float) -> dict[str, int | None]:
+    """The first step at which each layer's dead fraction exceeded ``dead_threshold``.
+
+    Args:
+        run: The run.
+        dead_threshold: A fraction in ``[0, 1]``, normally the warning threshold for dead units.
+
+    Returns:
+        ``{layer: step}`` for every layer with a dead-fraction curve; ``None`` where it never crossed.
+
+    Raises:
+        ValueError: If ``dead_threshold`` is not in ``[0, 1]``.
+    """
+    if not 0.0 <= dead_threshold <= 1.0:
+        raise ValueError(f"Expected `dead_threshold` to be a fraction in [0, 1], got {dead_threshold}")
+    onsets: dict[str, int | None] = {}
+    for layer, points in run.curves.get("dead_fraction", {}).items():
+        onsets[layer] = next((step for step, value in points if value > dead_threshold), None)
+    return onsets
+
+
+def first_nonfinite_step(run: RunHealth) -> int | None:
+    """The first step at which any reading of any layer was NaN/Inf or counted non-finite values."""
+    steps = []
+    for metric, per_layer in run.curves.items():
+        for points in per_layer.values():
+            for step, value in points:
+                if not math.isfinite(value) or (metric == "nonfinite" and value > 0):
+                    steps.append(step)
+                    break
+    return min(steps) if steps else None
