@@ -44,10 +44,8 @@ def corpus() -> str:
     import logging
     import textwrap
 
-    parts = [inspect.getdoc(obj) or "" for module in (json, logging, argparse_module, textwrap) for obj in (module,)]
-    parts += [
-        inspect.getdoc(obj) or "" for obj in (json.dumps, json.loads, logging.Logger, argparse_module.ArgumentParser)
-    ]
+    documented = (json, logging, argparse_module, textwrap, json.dumps, json.loads, logging.Logger)
+    parts = [inspect.getdoc(obj) or "" for obj in (*documented, argparse_module.ArgumentParser)]
     return "\n\n".join(part for part in parts if part)
 
 
@@ -166,11 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     trainer.fit(model, DataLoader(data, batch_size=args.batch_size, shuffle=True))
     loss = trainer.callback_metrics.get("train_loss")
-    print(
-        f"final train loss {float(loss):.3f} (uniform guess: {math.log(len(data.vocab)):.3f})"
-        if loss is not None
-        else ""
-    )
+    if loss is not None:
+        print(f"final train loss {float(loss):.3f} (a uniform guess scores {math.log(len(data.vocab)):.3f})")
     findings = monitor.diagnose()
     print(f"{len(findings)} finding(s)" + "".join(f"\n- {finding.message}" for finding in findings))
     if args.logger == "tensorboard":
