@@ -14,7 +14,9 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 from lightning_health.tensorboard_reader import RunHealth
 
@@ -28,6 +30,16 @@ TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("saturation", "sat"),
     ("nonfinite", "NaN/Inf"),
 )
+
+
+class FindingLike(Protocol):
+    """The fields of :class:`lightning_health.Finding` that a summary needs."""
+
+    layer: str
+    kind: str
+    step: int
+
+
 PERCENT_METRICS = frozenset({"dead_fraction", "saturation", "zero_fraction", "val_dead_fraction"})
 
 
@@ -99,3 +111,36 @@ def first_nonfinite_step(run: RunHealth) -> int | None:
                     steps.append(step)
                     break
     return min(steps) if steps else None
+
+
+_KIND_WORDS = {
+    "nonfinite": "values turned NaN/Inf",
+    "dead": "units died",
+    "exploding_gradient": "gradients exploded",
+    "vanishing_gradient": "gradients vanished",
+    "saturated": "activations saturated",
+    "collapsed": "the signal collapsed",
+}
+
+
+def course_of_disease(findings: Sequence[FindingLike]) -> list[str]:
+    """One line per kind of finding, in order of onset: what went wrong, in which layers, from which step.
+
+    Example:
+        >>> from types import SimpleNamespace as F
+        >>> course_of_disease([F(layer="net.3", kind="dead", step=4), F(layer="net.1", kind="dead", step=2)])
+        ['from step 2: units died in net.1 (step 2), net.3 (step 4)']
+    """
+    by_kind: dict[str, list[FindingLike]] = {}
+    for finding in findings:
+        by_kind.setdefault(finding.kind, []).append(finding)
+    lines = []
+    for kind, group in sorted(by_kind.items(), key=lambda item: min(f.step for f in item[1])):
+        group = sorted(group, key=lambda f: f.step)
+        onset = group[0].step
+        if all(f.step == onset for f in group):
+            where = ", ".join(f.layer for f in group)
+        else:
+            where = ", ".join(f"{f.layer} (step {f.step})" for f in group)
+        lines.append(f"from step {onset}: {_KIND_WORDS.get(kind, kind)} in {where}")
+    return lines
