@@ -1,7 +1,8 @@
-"""Summaries of read-back runs as plain data: the per-layer table and when each layer died.
+"""Summaries of read-back runs as plain data: latest readings, when each layer died, the course of disease.
 
-No rendering here (the command line prints these as text or JSON, :mod:`lightning_health.panel`
-draws them): only the choice of which numbers describe a run.
+No rendering here (the command line prints these as text or JSON through
+:mod:`lightning_health.report`, :mod:`lightning_health.panel` draws them): only the choice of
+which numbers describe a run.
 
 Example:
     >>> from pathlib import Path
@@ -9,75 +10,46 @@ Example:
     >>> run = RunHealth("sick", Path("."), {"dead_fraction": {"net.1": [(0, 0.0), (10, 0.25), (20, 1.0)]}})
     >>> death_onsets(run, dead_threshold=0.2)
     {'net.1': 10}
+    >>> latest_readings(run)
+    {'net.1': {'dead_fraction': 1.0}}
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from typing import Protocol
 
 from lightning_health.tensorboard_reader import RunHealth
 
-#: The table's columns: (metric, heading). ``dead_fraction`` and ``saturation`` print as percentages.
-TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("act_mean", "act mean"),
-    ("act_std", "act std"),
-    ("grad_std", "grad std"),
-    ("grad_max", "max grad"),
-    ("dead_fraction", "dead"),
-    ("saturation", "sat"),
-    ("nonfinite", "NaN/Inf"),
-)
+#: Readings that count NaN/Inf values (in activations and in gradients).
+NONFINITE_METRICS = frozenset({"nonfinite", "grad_nonfinite"})
 
 
 class FindingLike(Protocol):
     """The fields of :class:`lightning_health.Finding` that a summary needs."""
 
-    layer: str
-    kind: str
-    step: int
+    @property
+    def layer(self) -> str: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def step(self) -> int: ...
 
 
-PERCENT_METRICS = frozenset({"dead_fraction", "saturation", "zero_fraction", "val_dead_fraction"})
+def latest_readings(run: RunHealth) -> dict[str, dict[str, float]]:
+    """``{layer: {metric: latest value}}`` for every layer and metric of the run, in layer order.
 
-
-@dataclass(frozen=True)
-class LayerRow:
-    """The latest readings of one layer; ``None`` where the metric was never written for it."""
-
-    layer: str
-    step: int | None
-    act_mean: float | None
-    act_std: float | None
-    grad_std: float | None
-    grad_max: float | None
-    dead_fraction: float | None
-    saturation: float | None
-    nonfinite: float | None
-
-    def as_dict(self) -> dict[str, object]:
-        """The row as a plain dict (field name -> value)."""
-        return asdict(self)
-
-
-def layer_rows(run: RunHealth) -> list[LayerRow]:
-    """One row per layer with each metric's latest reading, in the run's layer order.
-
-    ``step`` is the last step at which any of the layer's table metrics was written.
+    This is the shape :meth:`lightning_health.report.HealthReport.from_latest` takes.
     """
-    rows = []
-    for layer in run.layers:
-        values: dict[str, float | None] = {}
-        steps: list[int] = []
-        for metric, _ in TABLE_COLUMNS:
-            points = run.curves.get(metric, {}).get(layer)
-            values[metric] = points[-1][1] if points else None
+    latest: dict[str, dict[str, float]] = {layer: {} for layer in run.layers}
+    for metric, per_layer in run.curves.items():
+        for layer, points in per_layer.items():
             if points:
-                steps.append(points[-1][0])
-        rows.append(LayerRow(layer=layer, step=max(steps) if steps else None, **values))  # type: ignore[arg-type]
-    return rows
+                latest[layer][metric] = points[-1][1]
+    return latest
 
 
 def death_onsets(run: RunHealth, dead_threshold: float) -> dict[str, int | None]:
@@ -107,7 +79,7 @@ def first_nonfinite_step(run: RunHealth) -> int | None:
     for metric, per_layer in run.curves.items():
         for points in per_layer.values():
             for step, value in points:
-                if not math.isfinite(value) or (metric == "nonfinite" and value > 0):
+                if not math.isfinite(value) or (metric in NONFINITE_METRICS and value > 0):
                     steps.append(step)
                     break
     return min(steps) if steps else None

@@ -87,24 +87,29 @@ def test_read_runs_recovers_curves_and_findings(runs_dir: Path) -> None:
     assert only.curves["dead_fraction"] == sick.curves["dead_fraction"]  # (act_mean holds NaN, never equal)
 
 
-def test_report_prints_table_and_comparison(runs_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_report_prints_table_findings_and_comparison(runs_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(runs_dir)]) == 0
     out = capsys.readouterr().out
-    assert "=== sick/version_0 | last step 90 | 3 layers" in out
+    assert "=== sick/version_0 | step 90 | per-layer health ===" in out
     header = next(line for line in out.splitlines() if line.startswith("layer "))
     for heading in ("act mean", "act std", "grad std", "max grad", "dead", "sat"):
         assert heading in header
-    sick_table = out.split("=== sick/version_0")[1]
-    net1 = next(line for line in sick_table.splitlines() if line.startswith("net.1 "))
-    assert net1.split()[1:] == ["nan", "1.000", "5.00e+01", "4.00e+02", "100%", "40%", "1.000"]
-    assert "NaN/Inf first seen at step 80" in sick_table
-    assert "net.1: 100% dead units since step 30" in sick_table
+    healthy_part, sick_part = out.split("=== sick/version_0")
+    assert "No findings" in healthy_part
+    net1 = next(line for line in sick_part.splitlines() if line.startswith("net.1 "))
+    assert [cell.strip() for cell in net1.split("|")][1:] == ["nan", "1", "5.00e+01", "4.00e+02", "100%", "40%"]
+    # findings come from the core's diagnosis replayed over the read-back curves, with hints
+    assert "[critical] net.1: gradient std 5.00e+01 above 10 (since step 0)" in sick_part
+    assert "[critical] net.1: 100% of units dead" in sick_part and "(since step 30)" in sick_part
+    assert "hint: " in sick_part
+    assert "from step 80: values turned NaN/Inf in net.1, net.3, blocks.0.mlp.act" in sick_part
+    assert "NaN/Inf first seen at step 80" in sick_part
     comparison = out.split("=== comparison")[1]
     rows = {line.split()[0]: line for line in comparison.splitlines()[3:]}
-    assert "died at step 30 (100% dead)" in rows["net.1"]
-    assert "died at step 40 (100% dead)" in rows["net.3"]
-    assert "died at step 60 (100% dead)" in rows["blocks.0.mlp.act"]
-    assert rows["net.1"].count("alive (5% dead)") == 1
+    assert "died at step 30 (peak 100%, last 100% dead)" in rows["net.1"]
+    assert "died at step 40" in rows["net.3"]
+    assert "died at step 60" in rows["blocks.0.mlp.act"]
+    assert rows["net.1"].count("alive (peak 5% dead)") == 1
 
 
 def test_report_json(runs_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -112,16 +117,16 @@ def test_report_json(runs_dir: Path, capsys: pytest.CaptureFixture[str]) -> None
     payload = json.loads(capsys.readouterr().out)  # strict JSON: NaN is spelled as a string
     assert payload["dead_threshold"] == 0.2
     healthy, sick = payload["runs"]
-    assert healthy["name"] == "version_0" or healthy["name"].endswith("healthy/version_0")
     assert healthy["death_onsets"] == {layer: None for layer in LAYERS}
+    assert healthy["findings"] == []
     assert sick["death_onsets"] == {"net.1": 30, "net.3": 40, "blocks.0.mlp.act": 60}
     assert sick["first_nonfinite_step"] == 80
-    first = sick["layers"][0]
-    assert first["layer"] == "net.1"
-    assert first["act_mean"] == "NaN"
-    assert first["dead_fraction"] == 1.0
-    assert first["grad_std"] == 50.0
-    assert first["step"] == 90
+    assert sick["latest"]["net.1"]["act_mean"] == "NaN"
+    assert sick["latest"]["net.1"]["dead_fraction"] == 1.0
+    kinds = {(f["layer"], f["kind"]): f for f in sick["findings"]}
+    assert kinds[("net.1", "dead")]["step"] == 30 and kinds[("net.1", "dead")]["severity"] == "critical"
+    assert kinds[("net.3", "nonfinite")]["step"] == 80
+    assert ("net.1", "exploding_gradient") in kinds
     assert sick["logged_findings"] == [{"step": 90, "text": "net.1: 100% dead units since step 30"}]
 
 
