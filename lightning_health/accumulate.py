@@ -203,8 +203,10 @@ class Accumulator:
         readings = []
         cursor = packed.numel()
         for entry in plan:
-            act = host[entry.base : entry.base + R.ACTIVATION_WIDTH]
-            grad = host[entry.base + R.ACTIVATION_WIDTH : entry.base + R.ACTIVATION_WIDTH + R.GRADIENT_WIDTH]
+            act_host: list[float] = host[entry.base : entry.base + R.ACTIVATION_WIDTH]
+            grad_host: list[float] = host[
+                entry.base + R.ACTIVATION_WIDTH : entry.base + R.ACTIVATION_WIDTH + R.GRADIENT_WIDTH
+            ]
             dead = units = 0
             for width, _full in entry.windows:
                 dead += int(host[cursor])
@@ -213,9 +215,9 @@ class Accumulator:
             complete = bool(entry.windows) and all(full for _w, full in entry.windows)
             readings.append(
                 LayerReading(
-                    metrics={**R.derive_activation(act), **R.derive_gradient(grad)},
-                    act_hist=_slice(host, entry.act_hist) if act[R.A_COUNT] > 0 else None,
-                    grad_hist=_slice(host, entry.grad_hist) if grad[R.G_COUNT] > 0 else None,
+                    metrics={**R.derive_activation(act_host), **R.derive_gradient(grad_host)},
+                    act_hist=_slice(host, entry.act_hist) if act_host[R.A_COUNT] > 0 else None,
+                    grad_hist=_slice(host, entry.grad_hist) if grad_host[R.G_COUNT] > 0 else None,
                     dead_units=dead if complete else None,
                     units=units,
                 )

@@ -151,6 +151,7 @@ class HealthMonitor(CallbackBase):
         self._history = History(_positive_int("max_points", max_points, minimum=16))
         self._findings = FindingLog()
         self._last_units: dict[str, tuple[int | None, int]] = {}
+        self._layer_names: list[str] = []
         self._pending_state: dict[str, Any] | None = None
         self._reset_runtime()
 
@@ -185,8 +186,8 @@ class HealthMonitor(CallbackBase):
     # -- public API ------------------------------------------------------------------------------
     @property
     def monitored_layers(self) -> list[str]:
-        """Qualified names of the modules being read (empty before fit starts)."""
-        return [layer.name for layer in self._capture.layers] if self._capture else []
+        """Qualified names of the modules being read (empty before fit starts; kept after it ends)."""
+        return list(self._layer_names)
 
     def curves(self, metric: str) -> dict[str, list[tuple[int, float]]]:
         """Every reading of ``metric`` per layer over the whole run, as ``(global_step, value)``."""
@@ -198,7 +199,7 @@ class HealthMonitor(CallbackBase):
 
     def report(self, title: str = "HealthMonitor") -> HealthReport:
         """The per-layer chart and findings as data (see :mod:`lightning_health.report`)."""
-        names = self.monitored_layers or sorted({layer for m in self._history.metrics() for layer in self.curves(m)})
+        names = self.monitored_layers or sorted(self.curves("act_std"))
         latest = {name: self._history.latest(name) for name in names}
         steps = [pts[-1][0] for m in self._history.metrics() for pts in self.curves(m).values() if pts]
         return HealthReport.from_latest(title, max(steps, default=0), latest, self.diagnose(), self._last_units)
@@ -243,6 +244,7 @@ class HealthMonitor(CallbackBase):
             FindingLog([layer.name for layer in chosen]) if not self._findings.findings() else self._findings
         )
         self._rectifiers = {layer.name for layer in chosen if layer.profile.rectifier}
+        self._layer_names = [layer.name for layer in chosen]
         self._param_groups = layer_param_groups([(n, m) for n, m in pl_module.named_modules() if n])
         if rank_zero(trainer):
             self._sinks = SinkSet(sinks_for(getattr(trainer, "loggers", []), writer=self.writer))
@@ -410,6 +412,9 @@ class HealthMonitor(CallbackBase):
             scalars[f"health/val_dead_fraction/{layer.name}"] = value
             self._history.add(step, "val_dead_fraction", layer.name, value)
             snapshot[layer.name] = {"val_dead_fraction": value, "dead_units": dead, "units": units}
+            nonfinite = self._history.latest(layer.name).get("nonfinite")
+            if nonfinite:
+                snapshot[layer.name]["nonfinite"] = nonfinite
         self._sinks.write(step, scalars, {})
         found, checked = evaluate(step, snapshot, self.thresholds, rectifiers=self._rectifiers)
         self._react(trainer, self._findings.record(found, checked, step), step)
@@ -482,6 +487,7 @@ class HealthMonitor(CallbackBase):
             "history": self._history.state_dict(),
             "findings": self._findings.state_dict(),
             "last_units": {k: list(v) for k, v in self._last_units.items()},
+            "layers": list(self._layer_names),
             "accumulator": (
                 self._accumulator.state_dict()
                 if self._accumulator is not None
@@ -494,6 +500,7 @@ class HealthMonitor(CallbackBase):
         self._history.load_state_dict(state_dict.get("history", {}))
         self._findings.load_state_dict(state_dict.get("findings", []))
         self._last_units = {k: (v[0], v[1]) for k, v in state_dict.get("last_units", {}).items()}
+        self._layer_names = self._layer_names or list(state_dict.get("layers", []))
         accumulator_state = state_dict.get("accumulator", {})
         if self._accumulator is not None:
             self._accumulator.load_state_dict(accumulator_state)
