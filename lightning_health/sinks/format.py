@@ -28,7 +28,7 @@ def _cell(text: object) -> str:
 
 
 def findings_markdown(step: int, findings: Sequence[Finding]) -> str:
-    """The diagnosis as a Markdown table (TensorBoard's text panel renders it)."""
+    """The diagnosis as a Markdown table plus one hint per kind of problem (TensorBoard's text panel)."""
     if not findings:
         return f"**No problems found** as of step {step}."
     active = [f for f in findings if f.active]
@@ -37,13 +37,16 @@ def findings_markdown(step: int, findings: Sequence[Finding]) -> str:
         f"**{len(active)} active finding(s), {critical} critical** as of step {step} "
         f"({len(findings) - len(active)} cleared).",
         "",
-        "| since step | layer | problem | severity | now | what it reads | hint |",
-        "|---:|---|---|---|---|---|---|",
+        "| since step | layer | problem | severity | now | what it reads |",
+        "|---:|---|---|---|---|---|",
     ]
     for f in findings:
         now = "active" if f.active else f"cleared by {f.last_step}"
-        cells = (str(f.step), f"`{_cell(f.layer)}`", f.kind, f.severity, now, _cell(f.message), _cell(f.hint))
+        cells = (str(f.step), f"`{_cell(f.layer)}`", f.kind, f.severity, now, _cell(f.message))
         lines.append("| " + " | ".join(cells) + " |")
+    hints = {f.kind: f.hint for f in findings if f.hint}
+    if hints:
+        lines += ["", "**What to try**", ""] + [f"- *{kind}*: {_cell(hint)}" for kind, hint in hints.items()]
     return "\n".join(lines)
 
 
