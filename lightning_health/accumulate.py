@@ -92,6 +92,9 @@ def _slice(host: list[float], span: tuple[int, int] | None) -> list[float] | Non
     return None if span is None else host[span[0] : span[0] + span[1]]
 
 
+_NO_INDEX = torch.zeros(0, dtype=torch.long)
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -123,8 +126,9 @@ class Accumulator:
         self.window = window
         self.windows: dict[tuple[int, int], UnitWindow] = {}
         self.widths: dict[tuple[int, int], int] = {}  # (layer, slot) -> units, remembered across steps
+        self._index_cache: tuple[tuple[object, ...], Tensor, Tensor] | None = None
 
-    def _device(self) -> torch.device:
+    def device(self) -> torch.device:
         for buf in self.capture.buffers:
             for t in (buf.act, buf.grad, *buf.fired.values()):
                 if t is not None:
@@ -139,17 +143,22 @@ class Accumulator:
             self.widths[(index, slot)] = mask.numel()
         return sorted(slot for (i, slot) in self.widths if i == index)
 
-    def finish_train_step(self, extra: Tensor | None = None) -> tuple[list[LayerReading], list[float]]:
+    def finish_train_step(
+        self, extra: Tensor | None = None, shared_max: Tensor | None = None
+    ) -> tuple[list[LayerReading], list[float], list[float]]:
         """End a sampled training step: pack, sync, window, transfer once.
 
         Args:
             extra: a float64 device vector appended after sync (already identical on every rank,
                 e.g. parameter gradient norms) so it rides on the same host transfer.
+            shared_max: per-rank numbers to reduce with ``max`` in the same collective (e.g. step
+                timings), so every rank takes the same decisions from them.
 
         Returns:
-            One :class:`LayerReading` per monitored layer, and the host copy of ``extra``.
+            One :class:`LayerReading` per monitored layer, and the host copies of ``extra`` and of
+            the synced ``shared_max``.
         """
-        device = self._device()
+        device = self.device()
         parts: list[Tensor] = []
         min_idx: list[int] = []
         max_idx: list[int] = []
@@ -178,12 +187,13 @@ class Accumulator:
                 entry.slots.append((slot, offset, width))
                 offset += width
             plan.append(entry)
+        shared_at = offset
+        if shared_max is not None:
+            parts.append(shared_max.to(device=device, dtype=torch.float64))
+            max_idx += range(offset, offset + shared_max.numel())
+            offset += shared_max.numel()
         packed = torch.cat(parts) if parts else _zeros(0, device)
-        synced = sync_vector(
-            packed,
-            torch.tensor(min_idx, dtype=torch.long, device=device),
-            torch.tensor(max_idx, dtype=torch.long, device=device),
-        )
+        synced = sync_vector(packed, *self._reduction_indices(min_idx, max_idx, device))
         # Windows and dead counts on the device, from the synced (global) fire masks.
         dead_counts: list[Tensor] = []
         distributed = world_size() > 1
@@ -222,7 +232,22 @@ class Accumulator:
                     units=units,
                 )
             )
-        return readings, (host[cursor:] if extra is not None else [])
+        shared = host[shared_at : packed.numel()]
+        return readings, (host[cursor:] if extra is not None else []), shared
+
+    def _reduction_indices(self, min_idx: list[int], max_idx: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
+        """Index tensors for the min/max fields, built once per layout and only when ranks are synced.
+
+        Building them from Python lists is a host-to-device copy, which on a GPU blocks the host:
+        outside DDP they are never needed, under DDP they are cached.
+        """
+        if world_size() == 1:
+            return _NO_INDEX, _NO_INDEX
+        key = (tuple(min_idx), tuple(max_idx), str(device))
+        if self._index_cache is None or self._index_cache[0] != key:
+            as_tensor = lambda idx: torch.tensor(idx, dtype=torch.long, device=device)  # noqa: E731
+            self._index_cache = (key, as_tensor(min_idx), as_tensor(max_idx))
+        return self._index_cache[1], self._index_cache[2]
 
     def _act_hist_len(self, index: int) -> int:
         edges = self.capture.act_edges
@@ -237,7 +262,7 @@ class Accumulator:
 
         Exact over every example of the pass on every rank; one collective, one transfer.
         """
-        device = self._device()
+        device = self.device()
         parts: list[Tensor] = []
         plan: list[list[int]] = []
         for index, buf in enumerate(self.capture.buffers):
@@ -250,8 +275,7 @@ class Accumulator:
             plan.append(widths)
         if not parts:
             return [(0, 0) for _ in plan]
-        empty = torch.zeros(0, dtype=torch.long, device=device)
-        synced = sync_vector(torch.cat(parts), empty, empty)
+        synced = sync_vector(torch.cat(parts), _NO_INDEX, _NO_INDEX)
         fired_per_layer = []
         start = 0
         for widths in plan:
@@ -268,7 +292,7 @@ class Accumulator:
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        device = self._device()
+        device = self.device()
         for key, width in dict(state.get("widths", {})).items():  # type: ignore[call-overload]
             i, s = (int(p) for p in key.split(":"))
             self.widths[(i, s)] = int(width)

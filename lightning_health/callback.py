@@ -12,8 +12,10 @@ Data flow of one sampled step::
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
+import time
 import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -29,7 +31,7 @@ from lightning_health.diagnosis import Finding, FindingLog, Thresholds, evaluate
 from lightning_health.heatmap import render_heatmap
 from lightning_health.history import History
 from lightning_health.report import HealthReport, print_report
-from lightning_health.schedule import is_sampled, validate_every_n_steps
+from lightning_health.schedule import SamplingSchedule, validate_every_n_steps
 from lightning_health.selection import LayerSpec, MonitoredLayer, select_layers, validate_layer_spec
 from lightning_health.sinks import Histogram, SinkSet, sinks_for
 from lightning_health.sinks.format import run_summary
@@ -74,6 +76,12 @@ class HealthMonitor(CallbackBase):
         saturation_margin: outputs within this fraction of the output range from a bound count
             as saturated.
         max_points: points kept per curve before the older half is thinned (bounded memory).
+        max_overhead: a budget, as a fraction of training time (e.g. ``0.01``): the monitor times
+            its sampled steps against plain ones and widens or narrows the sampling interval to
+            stay inside it, starting from ``every_n_steps``. ``None`` keeps the fixed cadence.
+        burst_steps: when a finding turns critical (a NaN, an explosion, a layer dying), sample
+            every step for this many steps so the moment things broke is recorded in detail.
+            ``0`` disables bursts.
         verbose: print the watched layers at start, critical findings as they appear, and the
             per-layer chart at the end of fit (rank zero only).
         writer: a ``torch.utils.tensorboard.SummaryWriter`` (or a log directory to open one in) to
@@ -108,6 +116,8 @@ class HealthMonitor(CallbackBase):
         neuron_dim: int | dict[str, int] | None = None,
         saturation_margin: float = 0.01,
         max_points: int = 4096,
+        max_overhead: float | None = None,
+        burst_steps: int = 10,
         verbose: bool = True,
         writer: Any = None,
         dashboard: bool = True,
@@ -140,6 +150,15 @@ class HealthMonitor(CallbackBase):
         ):
             raise ValueError(f"Expected `saturation_margin` to be a fraction in (0, 0.5), got {saturation_margin!r}")
         self.saturation_margin = float(saturation_margin)
+        if max_overhead is not None and (
+            isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float)) or not 0 < max_overhead < 1
+        ):
+            raise ValueError(
+                f"Expected `max_overhead` to be None or a fraction in (0, 1) like 0.01, got {max_overhead!r}"
+            )
+        self.max_overhead = None if max_overhead is None else float(max_overhead)
+        self.burst_steps = _positive_int("burst_steps", burst_steps, minimum=0)
+        self._schedule = SamplingSchedule(self.every_n_steps, self.max_overhead, self.burst_steps)
         self.verbose = bool(verbose)
         if writer is not None and not isinstance(writer, (str, os.PathLike)) and not hasattr(writer, "add_scalar"):
             raise TypeError(f"Expected `writer` to be a SummaryWriter or a log directory, got {writer!r}")
@@ -164,6 +183,10 @@ class HealthMonitor(CallbackBase):
         self._param_norms: torch.Tensor | None = None
         self._armed_step: int | None = None
         self._rectifiers: set[str] = set()
+        # optimizer-step timing, for the overhead budget: (step, start time, was it sampled)
+        self._timed: tuple[int, float, bool] | None = None
+        self._sampled_seconds = math.nan
+        self._idle_seconds = math.nan
         self._host_edges: dict[str, tuple[float, ...]] = {}
         self._samples_published = 0
 
@@ -184,6 +207,11 @@ class HealthMonitor(CallbackBase):
         return self._generate_state_key(every_n_steps=self.every_n_steps, layers=repr(self.layers))
 
     # -- public API ------------------------------------------------------------------------------
+    @property
+    def sampling_interval(self) -> int:
+        """The current interval between sampled steps (changes only with ``max_overhead``)."""
+        return self._schedule.interval
+
     @property
     def monitored_layers(self) -> list[str]:
         """Qualified names of the modules being read (empty before fit starts; kept after it ends)."""
@@ -295,13 +323,34 @@ class HealthMonitor(CallbackBase):
         capture = self._capture
         if capture is None:
             return
-        if self._armed_step is None and is_sampled(trainer.global_step, self.every_n_steps):
+        self._time_step(trainer.global_step)
+        if self._armed_step is None and self._schedule.should_sample(trainer.global_step):
             self._armed_step = trainer.global_step
+            if self._timed is not None:
+                self._timed = (self._timed[0], self._timed[1], True)
             capture.reset()
             capture.grad_scale = grad_scale_tensor(trainer)
             capture.mode = Mode.TRAIN
         if self._armed_step is not None:
             capture.new_batch()
+
+    def _time_step(self, step: int) -> None:
+        """Time optimizer steps start to start; a sampled step's time includes the monitor's work."""
+        if self._timed is not None and self._timed[0] == step:
+            return  # another micro-batch of the same optimizer step
+        now = time.perf_counter()
+        if self._timed is not None and step == self._timed[0] + 1 and self._timed[0] > 0:  # step 0 is warm-up
+            seconds = now - self._timed[1]
+            if self._timed[2]:
+                self._sampled_seconds = seconds
+            else:
+                idle = self._idle_seconds
+                self._idle_seconds = seconds if math.isnan(idle) else 0.8 * idle + 0.2 * seconds
+        self._timed = (step, now, False)
+
+    @override
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self._timed = None  # a validation pass between two steps is not training time
 
     @override
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
@@ -325,8 +374,13 @@ class HealthMonitor(CallbackBase):
         assert capture is not None and accumulator is not None and step is not None
         capture.mode = Mode.OFF
         self._armed_step = None
+        timing = None
+        if self.max_overhead is not None:  # synced with max so every rank picks the same interval
+            device = accumulator.device()
+            timing = torch.empty(2, dtype=torch.float64, device=device)
+            timing[0], timing[1] = self._sampled_seconds, self._idle_seconds  # fills, no host-to-device copy
         try:
-            readings, norms = accumulator.finish_train_step(self._param_norms)
+            readings, norms, shared = accumulator.finish_train_step(self._param_norms, timing)
         finally:
             capture.reset()
             self._param_norms = None
@@ -334,6 +388,10 @@ class HealthMonitor(CallbackBase):
         for (name, _params), value in zip(self._param_groups, norms):
             scalars[f"health/param_grad_norm/{name}"] = value
             self._history.add(step, "param_grad_norm", name, value)
+        if shared:
+            self._schedule.after_sample(step, shared[0], shared[1])
+            scalars["health/sampling_interval"] = float(self._schedule.interval)
+            self._history.add(step, "sampling_interval", "", float(self._schedule.interval))
         self._sinks.write(step, scalars, histograms)
         order = [capture.layers[i].name for i in capture.forward_order]
         with_grad = [name for name in order if "grad_std" in snapshot.get(name, {})]
@@ -427,8 +485,10 @@ class HealthMonitor(CallbackBase):
         if not critical:
             return
         lines = "\n".join(f"  {f}\n    hint: {f.hint}" for f in critical)
+        burst = self._schedule.start_burst(step)
         if rank_zero(trainer) and self.verbose:
-            print(f"HealthMonitor: critical finding(s) at step {step}:\n{lines}", flush=True)
+            more = f"\n  sampling every step until step {self._schedule.burst_until}" if burst else ""
+            print(f"HealthMonitor: critical finding(s) at step {step}:\n{lines}{more}", flush=True)
         if self.on_critical == "raise":
             raise HealthCriticalError(f"critical health finding(s) at step {step}:\n{lines}")
         if self.on_critical == "stop":
@@ -450,6 +510,8 @@ class HealthMonitor(CallbackBase):
             "log_histograms": self.log_histograms,
             "on_critical": self.on_critical,
             "saturation_margin": self.saturation_margin,
+            "max_overhead": self.max_overhead,
+            "burst_steps": self.burst_steps,
             "thresholds": dataclasses.asdict(self.thresholds),
             "dashboard": self.dashboard,
             "heatmap_every_n_samples": self.heatmap_every_n_samples,
@@ -488,6 +550,7 @@ class HealthMonitor(CallbackBase):
             "findings": self._findings.state_dict(),
             "last_units": {k: list(v) for k, v in self._last_units.items()},
             "layers": list(self._layer_names),
+            "schedule": self._schedule.state_dict(),
             "accumulator": (
                 self._accumulator.state_dict()
                 if self._accumulator is not None
@@ -501,6 +564,7 @@ class HealthMonitor(CallbackBase):
         self._findings.load_state_dict(state_dict.get("findings", []))
         self._last_units = {k: (v[0], v[1]) for k, v in state_dict.get("last_units", {}).items()}
         self._layer_names = self._layer_names or list(state_dict.get("layers", []))
+        self._schedule.load_state_dict(state_dict.get("schedule", {}))
         accumulator_state = state_dict.get("accumulator", {})
         if self._accumulator is not None:
             self._accumulator.load_state_dict(accumulator_state)

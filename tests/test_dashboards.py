@@ -112,7 +112,7 @@ def _expected_counts(values: torch.Tensor, edges: np.ndarray) -> list[float]:
 def _monitor(**kw: Any) -> HealthMonitor:
     base: dict[str, Any] = {
         "every_n_steps": 2, "dead_window": 2, "histogram_samples": SAMPLES, "heatmap_every_n_samples": 2,
-        "verbose": False, "layers": [r"net.1"],
+        "verbose": False, "layers": [r"net.1"], "burst_steps": 0,
     }  # fmt: skip
     base.update(kw)
     return HealthMonitor(**base)
