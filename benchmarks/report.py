@@ -44,6 +44,7 @@ class Row:
     estimate_hi: float | None
     growth_mib: float
     growth_delta_pct: float
+    foreign_cpu: float
 
 
 def _median(values: Sequence[float]) -> float:
@@ -105,6 +106,7 @@ def summarise(result: BenchmarkResult) -> list[Row]:
                     estimate_hi=estimate_hi,
                     growth_mib=growth,
                     growth_delta_pct=100 * (growth - base_growth) / base_growth if base_growth else float("nan"),
+                    foreign_cpu=max((t.foreign_cpu for t in mine), default=float("nan")),
                 )
             )
     return rows
@@ -122,8 +124,9 @@ def render_table(rows: Sequence[Row], workload_titles: dict[str, str]) -> str:
             f"### {workload}: {workload_titles.get(workload, workload)}",
             "",
             "| variant | timed steps | median step (ms) | ratio to none (per-repeat range) "
-            "| sampled-step extra (ms, n) | est. ratio at its cadence (range) | peak growth (MiB) | vs none |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| sampled-step extra (ms, n) | est. ratio at its cadence (range) | peak growth (MiB) | vs none "
+            "| max other CPU |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in (r for r in rows if r.workload == workload):
             extra = "-" if r.sampled_extra_ms is None else f"{r.sampled_extra_ms:.2f} ({r.sampled_n})"
@@ -136,7 +139,7 @@ def render_table(rows: Sequence[Row], workload_titles: dict[str, str]) -> str:
             delta = "-" if r.variant == "none" else f"{r.growth_delta_pct:+.1f}%"
             out.append(
                 f"| {r.label} | {r.steps} | {r.median_ms:.2f} | {_fmt_ratio(r.ratio, r.ratio_lo, r.ratio_hi)} "
-                f"| {extra} | {estimate} | {r.growth_mib:.1f} | {delta} |"
+                f"| {extra} | {estimate} | {r.growth_mib:.1f} | {delta} | {r.foreign_cpu:.2f} |"
             )
         out.append("")
     return "\n".join(out)
@@ -168,6 +171,8 @@ def render_markdown(
         f"| sizes | {cfg.repeats} interleaved repeats; per trial {cfg.warmup} warm-up steps, then {cfg.steps} timed "
         f"steps ({cfg.dense_steps} for every-step variants){'; tiny workloads' if cfg.tiny else ''} |",
         f"| wall time | {result.wall_s:.0f} s |",
+        f"| trials re-run | {result.retries} (other processes used more than {cfg.max_foreign_cpu:.2f} cores;"
+        f" each trial at most {cfg.max_retries} times) |",
         "",
         "## How it is measured",
         "",
@@ -190,6 +195,10 @@ def render_markdown(
         " the model is built, median over repeats; logger clients are started before that baseline and"
         " W&B's separate `wandb-core` process is not counted. *vs none*: difference to `no monitor`'s growth,"
         " as a percentage of it.",
+        "- *max other CPU*: the largest, over the variant's kept trials, of the CPU time (in cores) that processes"
+        " other than the trial and its children (W&B's `wandb-core` is a child) used during the fit, from"
+        " `/proc/stat`. A trial with more than the threshold above is run again; a high value that remains"
+        " means this shared machine was busy and that row's ratios are less trustworthy.",
         "- `wandb.watch` logs on its N-th batch (global steps N-1, 2N-1, ...); HealthMonitor and the host-copy"
         " monitor sample global steps 0, N, 2N, ...; the bolts-style monitor logs in the forward pass of every"
         " sampled batch.",

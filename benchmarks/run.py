@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, help="untimed steps at the start of each trial (default 3; quick 1)")
     parser.add_argument("--repeats", type=_positive, help="interleaved rounds per workload (default 3; quick 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--max-other-cpu",
+        type=float,
+        default=0.25,
+        help="re-run a trial when other processes used more CPU than this, in cores (default 0.25)",
+    )
+    parser.add_argument("--max-retries", type=int, default=3, help="re-runs per trial at most (default 3)")
     parser.add_argument("--quick", action="store_true", help="tiny workloads, a few steps: checks the harness")
     parser.add_argument("--no-micro", action="store_true", help="skip the reductions micro-benchmark")
     parser.add_argument(
@@ -96,6 +103,8 @@ def main(argv: list[str] | None = None) -> str:
         repeats=args.repeats or (1 if quick else 3),
         tiny=quick,
         seed=args.seed,
+        max_foreign_cpu=args.max_other_cpu,
+        max_retries=0 if quick else args.max_retries,
     )
     if "none" not in args.variants:
         raise SystemExit("Expected `--variants` to include 'none': every ratio is relative to it")
@@ -127,7 +136,7 @@ def main(argv: list[str] | None = None) -> str:
         summarise(result),
         machine=machine_info(),
         command=command,
-        workload_titles={name: describe(name) for name in config.workloads},
+        workload_titles={name: describe(name, tiny=quick) for name in config.workloads},
         micro_section=micro_section,
     )
     out = args.out if args.out is not None else (None if quick else Path("docs/performance.md"))

@@ -227,9 +227,9 @@ def make_workload(
     return module, loader
 
 
-def describe(name: str) -> str:
+def describe(name: str, *, tiny: bool = False) -> str:
     """One line naming the workload's architecture, size and batch, for the report."""
-    module, loader = make_workload(name, 1)
+    module, loader = make_workload(name, 1, tiny=tiny)
     params = sum(p.numel() for p in module.parameters())
     shapes = " ".join("x".join(map(str, t.shape)) for t in next(iter(loader)))
     label = {
@@ -237,6 +237,8 @@ def describe(name: str) -> str:
         "cnn": "CNN 4x conv3x3 (16-32-64-64) ReLU",
         "lm": "Transformer LM 4 layers d=256 GELU",
     }[name]
+    if tiny:
+        label = f"tiny {name} (smoke-test size)"
     return f"{label}, {params / 1e6:.2f}M params, batch {shapes}"
 
 
