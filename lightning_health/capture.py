@@ -114,6 +114,7 @@ class Capture:
         self._margin = saturation_margin
         self._compiled = compile_reductions
         self._thresholds: dict[tuple[int, torch.device], Tensor] = {}  # fused-kernel saturation thresholds
+        self.scratch = R.Scratch()  # one reused temporary per device for the eager reductions
         self._handles: list[RemovableHandle] = []
         self._broken: set[int] = set()
 
@@ -130,6 +131,7 @@ class Capture:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self.scratch.clear()
         self.mode = Mode.OFF
 
     @property
@@ -193,7 +195,7 @@ class Capture:
     def _activation_totals(self, index: int, y: Tensor) -> Tensor:
         bounds = self.layers[index].profile.bounds
         if not self._compiled:
-            return R.activation_totals(y, bounds, self._margin)
+            return R.activation_totals(y, bounds, self._margin, scratch=self.scratch.get(y))
         key = (index, y.device)
         if key not in self._thresholds:
             self._thresholds[key] = kernels.saturation_thresholds(bounds, self._margin, y.device)
@@ -221,7 +223,7 @@ class Capture:
         g = grad.detach()
         if self.grad_scale is not None:
             g = g.float() / self.grad_scale.to(g.device)
-        totals = kernels.gradient_totals(g) if self._compiled else R.gradient_totals(g)
+        totals = kernels.gradient_totals(g) if self._compiled else R.gradient_totals(g, scratch=self.scratch.get(g))
         buf.grad = totals if buf.grad is None else R.combine_gradient_totals(buf.grad, totals)
         if self.grad_edges is not None:
             hist = R.histogram_counts(R.histogram_sample(g, self._samples), self.grad_edges)

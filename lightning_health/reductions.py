@@ -54,7 +54,42 @@ def empty_gradient_totals(device: torch.device | str = "cpu") -> Tensor:
     return torch.zeros(GRADIENT_WIDTH, dtype=_WIDE, device=device)
 
 
-def activation_totals(y: Tensor, bounds: tuple[float, float] | None = None, margin: float = 0.01) -> Tensor:
+def _scaled_moments(x: Tensor, lo: Tensor, hi: Tensor, scratch: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Sum, sum of squares and non-finite count of a flat float tensor, without a float64 copy.
+
+    When all values lie on one side of zero they are centred on the midpoint ``c`` of
+    ``[min, max]`` (otherwise ``c = 0``), and scaled by a power of two so the largest deviation lies
+    in ``[0.5, 1]``, in one fused pass into ``scratch``. Then:
+
+    - float32 sums of the centred values lose nothing to cancellation, so a collapsed layer
+      (5.0 +- 1e-4) keeps a precise std; the raw sums are rebuilt in float64 as
+      ``sum = S1 + n c`` and ``sum_sq = S2 + 2 c S1 + n c^2``;
+    - the float32 sum of squares is at most ``n`` and cannot overflow, whatever the magnitudes;
+    - the buffer is reused across calls (on a CPU a fresh full-size temporary costs far more than
+      the arithmetic) and then yields the non-finite count with float operations only.
+    """
+    lo64, hi64 = lo.to(_WIDE), hi.to(_WIDE)
+    usable = torch.isfinite(lo64) & torch.isfinite(hi64)
+    # Shift only when every value lies on one side of zero: then mean^2 can dwarf the variance.
+    shift = usable & ((lo64 > 0) | (hi64 < 0))
+    centre = torch.where(shift, (lo64 + hi64) / 2, 0.0)
+    half_range = torch.where(usable, torch.maximum(hi64 - centre, centre - lo64), 0.0)
+    exponent = torch.where(half_range > 0, torch.floor(torch.log2(half_range.clamp(min=1e-300))), 0.0)
+    scale = torch.exp2(-exponent)
+    buf = scratch[: x.numel()] if scratch is not None and scratch.numel() >= x.numel() else torch.empty_like(x)
+    # buf = (x - c) * scale in one pass
+    torch.addcmul((-centre * scale).to(x.dtype), x, scale.to(x.dtype), out=buf)
+    s1 = buf.sum().to(_WIDE) / scale
+    s2 = torch.linalg.vector_norm(buf).to(_WIDE).square() / scale.square()
+    buf.sub_(buf)  # 0 where finite, NaN where the value was NaN or +-Inf
+    nonfinite = buf.nan_to_num_(nan=1.0).sum().to(_WIDE)
+    n = float(x.numel())
+    return s1 + n * centre, s2 + 2 * centre * s1 + n * centre.square(), nonfinite
+
+
+def activation_totals(
+    y: Tensor, bounds: tuple[float, float] | None = None, margin: float = 0.01, scratch: Tensor | None = None
+) -> Tensor:
     """Raw totals of one activation tensor, as a float64 vector on ``y``'s device.
 
     Args:
@@ -64,6 +99,8 @@ def activation_totals(y: Tensor, bounds: tuple[float, float] | None = None, marg
             output range from either bound. ``None`` means the activation has no flat shoulder and
             nothing counts as saturated (a large positive ReLU input is not saturated).
         margin: the saturation band as a fraction of ``high - low``.
+        scratch: an optional float32 buffer of at least ``y.numel()`` elements to reuse for the
+            temporary (see :class:`Scratch`); its contents are overwritten.
 
     Returns:
         ``[count, sum, sum_sq, min, max, zeros, saturated, nonfinite]``. Moments include every
@@ -77,7 +114,6 @@ def activation_totals(y: Tensor, bounds: tuple[float, float] | None = None, marg
     x = _as_float(y).reshape(-1)
     if x.numel() == 0:
         return empty_activation_totals(x.device)
-    wide = x.to(_WIDE)
     lo, hi = torch.aminmax(x)
     if bounds is None:
         saturated = torch.zeros((), dtype=_WIDE, device=x.device)
@@ -85,21 +121,23 @@ def activation_totals(y: Tensor, bounds: tuple[float, float] | None = None, marg
         low, high = bounds
         band = margin * (high - low)
         saturated = ((x <= low + band) | (x >= high - band)).sum(dtype=_WIDE)
+    zeros = x.eq(0).sum(dtype=_WIDE)
+    total, total_sq, nonfinite = _scaled_moments(x, lo, hi, scratch)
     return torch.stack(
         [
             x.new_full((), float(x.numel()), dtype=_WIDE),  # a fill kernel, not a host-to-device copy
-            wide.sum(),
-            torch.dot(wide, wide),
+            total,
+            total_sq,
             lo.to(_WIDE),
             hi.to(_WIDE),
-            x.eq(0).sum(dtype=_WIDE),
+            zeros,
             saturated,
-            (~torch.isfinite(x)).sum(dtype=_WIDE),
+            nonfinite,
         ]
     )
 
 
-def gradient_totals(g: Tensor) -> Tensor:
+def gradient_totals(g: Tensor, scratch: Tensor | None = None) -> Tensor:
     """Raw totals of one gradient tensor: ``[count, sum, sum_sq, max_abs, nonfinite]`` (float64).
 
     Example:
@@ -109,16 +147,38 @@ def gradient_totals(g: Tensor) -> Tensor:
     x = _as_float(g).reshape(-1)
     if x.numel() == 0:
         return empty_gradient_totals(x.device)
-    wide = x.to(_WIDE)
+    lo, hi = torch.aminmax(x)
+    total, total_sq, nonfinite = _scaled_moments(x, lo, hi, scratch)
     return torch.stack(
         [
-            x.new_full((), float(x.numel()), dtype=_WIDE),  # a fill kernel, not a host-to-device copy
-            wide.sum(),
-            torch.dot(wide, wide),
-            x.abs().amax().to(_WIDE),
-            (~torch.isfinite(x)).sum(dtype=_WIDE),
+            x.new_full((), float(x.numel()), dtype=_WIDE),
+            total,
+            total_sq,
+            torch.maximum(-lo, hi).to(_WIDE),  # max |g| without an abs() temporary
+            nonfinite,
         ]
     )
+
+
+class Scratch:
+    """One reusable float32 buffer per device, grown to the largest tensor seen.
+
+    The reductions write one temporary per tensor; reusing it keeps a sampled step from
+    allocating (and, on a CPU, page-faulting) a fresh full-size buffer for every layer.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.device, Tensor] = {}
+
+    def get(self, like: Tensor) -> Tensor:
+        buf = self._buffers.get(like.device)
+        if buf is None or buf.numel() < like.numel():
+            buf = torch.empty(like.numel(), dtype=torch.float32, device=like.device)
+            self._buffers[like.device] = buf
+        return buf
+
+    def clear(self) -> None:
+        self._buffers.clear()
 
 
 def combine_activation_totals(a: Tensor, b: Tensor) -> Tensor:

@@ -23,9 +23,9 @@ def test_fused_totals_equal_eager(dtype, bounds):
     thresholds = kernels.saturation_thresholds(bounds, 0.01, y.device)
     fused = kernels.activation_totals(y, thresholds)
     eager = R.activation_totals(y, bounds, 0.01)
-    torch.testing.assert_close(fused, eager, equal_nan=True)
+    torch.testing.assert_close(fused, eager, equal_nan=True, rtol=1e-6, atol=1e-9)  # eager sums in float32
     z = y.nan_to_num(0.0, 0.0, 0.0)
-    torch.testing.assert_close(kernels.gradient_totals(z), R.gradient_totals(z))
+    torch.testing.assert_close(kernels.gradient_totals(z), R.gradient_totals(z), rtol=1e-6, atol=1e-9)
     assert kernels.activation_totals(torch.zeros(0), thresholds)[R.A_COUNT] == 0
 
 

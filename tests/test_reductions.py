@@ -37,6 +37,22 @@ def test_activation_totals_match_numpy(dtype):
     assert t[R.A_NONFINITE] == 0
 
 
+def test_a_collapsed_layer_keeps_a_precise_std():
+    # mean >> std: E[x^2] - mean^2 would cancel catastrophically without centring
+    x = 5.0 + torch.randn(256, 1024, generator=torch.Generator().manual_seed(5)) * 1e-4
+    d = R.derive_activation(R.activation_totals(x).tolist())
+    assert d["act_std"] == pytest.approx(x.double().std().item(), rel=1e-3)
+
+
+def test_scratch_buffer_is_reused_and_gives_the_same_totals():
+    scratch = R.Scratch()
+    x = torch.randn(100, 7)
+    buf = scratch.get(x)
+    torch.testing.assert_close(R.activation_totals(x, scratch=buf), R.activation_totals(x))
+    assert scratch.get(torch.randn(50)) is buf  # smaller tensors reuse it
+    assert scratch.get(torch.randn(1000)).numel() == 1000  # a larger one grows it
+
+
 def test_sum_of_squares_of_large_half_values_is_finite():
     # 60000^2 overflows fp16 and bf16 maxima are ~3e38: squares must accumulate in float64.
     y = torch.full((1000,), 60000.0, dtype=torch.float16)
@@ -72,13 +88,13 @@ def test_derived_moments_match_numpy():
     y = torch.randn(1000, generator=g) * 3 + 2
     d = R.derive_activation(R.activation_totals(y).tolist())
     x = y.numpy().astype(np.float64)
-    assert d["act_mean"] == pytest.approx(x.mean(), rel=1e-9)
-    assert d["act_std"] == pytest.approx(x.std(ddof=1), rel=1e-9)
+    assert d["act_mean"] == pytest.approx(x.mean(), rel=1e-6)
+    assert d["act_std"] == pytest.approx(x.std(ddof=1), rel=1e-6)
     assert d["zero_fraction"] == 0
     gd = R.derive_gradient(R.gradient_totals(y).tolist())
-    assert gd["grad_std"] == pytest.approx(x.std(ddof=1), rel=1e-9)
+    assert gd["grad_std"] == pytest.approx(x.std(ddof=1), rel=1e-6)
     assert gd["grad_max"] == pytest.approx(np.abs(x).max())
-    assert gd["grad_norm"] == pytest.approx(np.linalg.norm(x), rel=1e-9)
+    assert gd["grad_norm"] == pytest.approx(np.linalg.norm(x), rel=1e-6)
 
 
 def test_combining_totals_equals_totals_of_the_union():
@@ -86,9 +102,11 @@ def test_combining_totals_equals_totals_of_the_union():
     a, b = torch.randn(50, generator=g), torch.randn(70, generator=g) * 5
     both = R.activation_totals(torch.cat([a, b]))
     combined = R.combine_activation_totals(R.activation_totals(a), R.activation_totals(b))
-    torch.testing.assert_close(combined, both)
+    torch.testing.assert_close(combined, both, rtol=1e-6, atol=1e-9)
     gb = R.gradient_totals(torch.cat([a, b]))
-    torch.testing.assert_close(R.combine_gradient_totals(R.gradient_totals(a), R.gradient_totals(b)), gb)
+    torch.testing.assert_close(
+        R.combine_gradient_totals(R.gradient_totals(a), R.gradient_totals(b)), gb, rtol=1e-6, atol=1e-9
+    )
     empty = R.empty_activation_totals()
     torch.testing.assert_close(R.combine_activation_totals(empty, both), both)
 
