@@ -5,6 +5,16 @@ packed into one float64 vector, reduced across DDP ranks with a single collectiv
 followed by a local sum/min/max, so one call serves all three reductions), pushed into the rolling
 dead-unit windows on the device, and moved to the host with one ``.tolist()``.
 
+Layout agreement (DDP): all ranks must pack vectors of the same layout, but a fire mask's width is
+only known once a rank has run the layer, and one rank may never run a layer another one runs
+(a zero-size batch still runs it; a data-dependent branch may not). So in distributed runs only
+the (layer, call slot) masks every rank has agreed on are packed, plus one flag element that says
+"some rank has seen a slot outside the agreed layout". When the synced flag is set, which every
+rank sees at the same step, the ranks merge their layouts (one ``all_gather_object``) and pack and
+sync again; nothing is lost. This happens on the first sampled step and whenever a new slot first
+appears; every other sampled step costs exactly one ``all_gather``, plus a one-element host read of
+the flag.
+
 Dead units: a unit is dead when it never fired (output > 0) on any example of any sampled batch in
 the window, i.e. the last ``window`` sampled batches. The dead fraction of a layer is reported only
 once its window is full, because one batch is never enough evidence.
@@ -123,6 +133,7 @@ class Accumulator:
         self.window = window
         self.windows: dict[tuple[int, int], UnitWindow] = {}
         self.widths: dict[tuple[int, int], int] = {}  # (layer, slot) -> units, remembered across steps
+        self.agreed: dict[tuple[int, int], int] = {}  # DDP: the (layer, slot) -> units every rank packs
 
     def _device(self) -> torch.device:
         for buf in self.capture.buffers:
@@ -139,6 +150,43 @@ class Accumulator:
             self.widths[(index, slot)] = mask.numel()
         return sorted(slot for (i, slot) in self.widths if i == index)
 
+    def _packed_slots(self, index: int, buf: StepBuffers, distributed: bool) -> list[tuple[int, int]]:
+        """``(slot, width)`` of the masks to pack: every known slot, or in DDP only the agreed ones."""
+        local = self._slots(index, buf)
+        if not distributed:
+            return [(slot, self.widths[(index, slot)]) for slot in local]
+        return sorted((slot, width) for (i, slot), width in self.agreed.items() if i == index)
+
+    def _layout_flag(self, device: torch.device) -> Tensor:
+        """One element, 1 when this rank knows a (layer, slot) outside the agreed layout."""
+        new = any(key not in self.agreed for key in self.widths)
+        return torch.full((1,), float(new), dtype=torch.float64, device=device)
+
+    def _agree_layout(self) -> None:
+        """Every rank: merge all ranks' ``(layer, slot) -> width`` into the agreed layout."""
+        gathered: list[dict[tuple[int, int], int] | None] = [None] * world_size()
+        dist.all_gather_object(gathered, dict(self.widths))
+        for widths in gathered:
+            for key, width in (widths or {}).items():
+                self.agreed[key] = max(self.agreed.get(key, 0), width)
+        self.widths.update(self.agreed)  # a slot this rank never ran is now known here too
+
+    def _pack_masks(
+        self, index: int, buf: StepBuffers, distributed: bool, device: torch.device
+    ) -> list[tuple[int, int, Tensor]]:
+        """``(slot, width, float64 mask)`` to pack for one layer (zeros where the slot did not run)."""
+        out = []
+        for slot, width in self._packed_slots(index, buf, distributed):
+            mask = buf.fired.get(slot)
+            if mask is None:
+                out.append((slot, width, _zeros(width, device)))
+                continue
+            vec = mask.to(device=device, dtype=torch.float64).reshape(-1)
+            if vec.numel() != width:  # DDP: ranks disagreed on the width; pad/cut to the agreed one
+                vec = torch.cat([vec, _zeros(width, device)])[:width]
+            out.append((slot, width, vec))
+        return out
+
     def finish_train_step(self, extra: Tensor | None = None) -> tuple[list[LayerReading], list[float]]:
         """End a sampled training step: pack, sync, window, transfer once.
 
@@ -150,6 +198,19 @@ class Accumulator:
             One :class:`LayerReading` per monitored layer, and the host copy of ``extra``.
         """
         device = self._device()
+        distributed = world_size() > 1
+        while True:
+            packed, min_t, max_t, plan = self._pack_train_step(device, distributed)
+            synced = sync_vector(packed, min_t, max_t)
+            if not distributed or synced[-1].item() == 0:  # the layout flag (DDP only)
+                break
+            self._agree_layout()  # every rank saw the flag: agree, then pack and sync again
+        return self._window_and_transfer(synced, packed.numel(), plan, distributed, device, extra)
+
+    def _pack_train_step(
+        self, device: torch.device, distributed: bool
+    ) -> tuple[Tensor, Tensor, Tensor, list[_LayerPlan]]:
+        """All layers' totals, histograms and fire masks in one float64 vector, with its layout."""
         parts: list[Tensor] = []
         min_idx: list[int] = []
         max_idx: list[int] = []
@@ -171,22 +232,33 @@ class Accumulator:
                     parts.append(hist.to(device) if hist is not None else _zeros(length, device))
                     setattr(entry, attr, (offset, length))
                     offset += length
-            for slot in self._slots(index, buf):
-                width = self.widths[(index, slot)]
-                mask = buf.fired.get(slot)
-                parts.append(mask.to(device=device, dtype=torch.float64) if mask is not None else _zeros(width, device))
+            for slot, width, vec in self._pack_masks(index, buf, distributed, device):
+                parts.append(vec)
                 entry.slots.append((slot, offset, width))
                 offset += width
             plan.append(entry)
+        if distributed:
+            parts.append(self._layout_flag(device))
         packed = torch.cat(parts) if parts else _zeros(0, device)
-        synced = sync_vector(
+        return (
             packed,
             torch.tensor(min_idx, dtype=torch.long, device=device),
             torch.tensor(max_idx, dtype=torch.long, device=device),
+            plan,
         )
+
+    def _window_and_transfer(
+        self,
+        synced: Tensor,
+        packed_len: int,
+        plan: list[_LayerPlan],
+        distributed: bool,
+        device: torch.device,
+        extra: Tensor | None,
+    ) -> tuple[list[LayerReading], list[float]]:
+        """Push the synced fire masks into the windows, then move everything to the host once."""
         # Windows and dead counts on the device, from the synced (global) fire masks.
         dead_counts: list[Tensor] = []
-        distributed = world_size() > 1
         for index, entry in enumerate(plan):
             for slot, start, width in entry.slots:
                 win = self.windows.setdefault((index, slot), UnitWindow(self.window))
@@ -201,7 +273,7 @@ class Accumulator:
         host = torch.cat(tail).tolist()  # the one device-to-host transfer of the step
 
         readings = []
-        cursor = packed.numel()
+        cursor = packed_len
         for entry in plan:
             act = host[entry.base : entry.base + R.ACTIVATION_WIDTH]
             grad = host[entry.base + R.ACTIVATION_WIDTH : entry.base + R.ACTIVATION_WIDTH + R.GRADIENT_WIDTH]
@@ -236,20 +308,23 @@ class Accumulator:
         Exact over every example of the pass on every rank; one collective, one transfer.
         """
         device = self._device()
-        parts: list[Tensor] = []
-        plan: list[list[int]] = []
-        for index, buf in enumerate(self.capture.buffers):
-            widths = []
-            for slot in self._slots(index, buf):
-                width = self.widths[(index, slot)]
-                mask = buf.fired.get(slot)
-                parts.append(mask.to(device=device, dtype=torch.float64) if mask is not None else _zeros(width, device))
-                widths.append(width)
-            plan.append(widths)
-        if not parts:
-            return [(0, 0) for _ in plan]
+        distributed = world_size() > 1
         empty = torch.zeros(0, dtype=torch.long, device=device)
-        synced = sync_vector(torch.cat(parts), empty, empty)
+        while True:
+            parts: list[Tensor] = []
+            plan: list[list[int]] = []
+            for index, buf in enumerate(self.capture.buffers):
+                masks = self._pack_masks(index, buf, distributed, device)
+                parts += [vec for _slot, _width, vec in masks]
+                plan.append([width for _slot, width, _vec in masks])
+            if distributed:
+                parts.append(self._layout_flag(device))
+            elif not parts:
+                return [(0, 0) for _ in plan]
+            synced = sync_vector(torch.cat(parts), empty, empty)
+            if not distributed or synced[-1].item() == 0:
+                break
+            self._agree_layout()
         fired_per_layer = []
         start = 0
         for widths in plan:
