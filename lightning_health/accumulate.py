@@ -5,6 +5,10 @@ packed into one float64 vector, reduced across DDP ranks with a single collectiv
 followed by a local sum/min/max, so one call serves all three reductions), pushed into the rolling
 dead-unit windows on the device, and moved to the host with one ``.tolist()``.
 
+Dead units: a unit is dead when it never fired (output > 0) on any example of any sampled batch in
+the window, i.e. the last ``window`` sampled batches. The dead fraction of a layer is reported only
+once its window is full, because one batch is never enough evidence.
+
 Layout agreement (DDP): all ranks must pack vectors of the same layout, but a fire mask's width is
 only known once a rank has run the layer, and one rank may never run a layer another one runs
 (a zero-size batch still runs it; a data-dependent branch may not). So in distributed runs only
@@ -102,6 +106,9 @@ def _slice(host: list[float], span: tuple[int, int] | None) -> list[float] | Non
     return None if span is None else host[span[0] : span[0] + span[1]]
 
 
+_NO_INDEX = torch.zeros(0, dtype=torch.long)
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -133,9 +140,10 @@ class Accumulator:
         self.window = window
         self.windows: dict[tuple[int, int], UnitWindow] = {}
         self.widths: dict[tuple[int, int], int] = {}  # (layer, slot) -> units, remembered across steps
+        self._index_cache: tuple[tuple[object, ...], Tensor, Tensor] | None = None
         self.agreed: dict[tuple[int, int], int] = {}  # DDP: the (layer, slot) -> units every rank packs
 
-    def _device(self) -> torch.device:
+    def device(self) -> torch.device:
         for buf in self.capture.buffers:
             for t in (buf.act, buf.grad, *buf.fired.values()):
                 if t is not None:
@@ -187,76 +195,62 @@ class Accumulator:
             out.append((slot, width, vec))
         return out
 
-    def finish_train_step(self, extra: Tensor | None = None) -> tuple[list[LayerReading], list[float]]:
+    def finish_train_step(
+        self, extra: Tensor | None = None, shared_max: Tensor | None = None
+    ) -> tuple[list[LayerReading], list[float], list[float]]:
         """End a sampled training step: pack, sync, window, transfer once.
 
         Args:
             extra: a float64 device vector appended after sync (already identical on every rank,
                 e.g. parameter gradient norms) so it rides on the same host transfer.
+            shared_max: per-rank numbers to reduce with ``max`` in the same collective (e.g. step
+                timings), so every rank takes the same decisions from them.
 
         Returns:
-            One :class:`LayerReading` per monitored layer, and the host copy of ``extra``.
+            One :class:`LayerReading` per monitored layer, and the host copies of ``extra`` and of
+            the synced ``shared_max``.
         """
-        device = self._device()
+        device = self.device()
         distributed = world_size() > 1
         while True:
-            packed, min_t, max_t, plan = self._pack_train_step(device, distributed)
-            synced = sync_vector(packed, min_t, max_t)
+            parts: list[Tensor] = []
+            min_idx: list[int] = []
+            max_idx: list[int] = []
+            plan: list[_LayerPlan] = []
+            offset = 0
+            for index, buf in enumerate(self.capture.buffers):
+                entry = _LayerPlan(base=offset)
+                act = buf.act if buf.act is not None else R.empty_activation_totals(device)
+                grad = buf.grad if buf.grad is not None else R.empty_gradient_totals(device)
+                min_idx.append(offset + R.A_MIN)
+                max_idx += [offset + R.A_MAX, offset + R.ACTIVATION_WIDTH + R.G_ABSMAX]
+                parts += [act.to(device), grad.to(device)]
+                offset += R.ACTIVATION_WIDTH + R.GRADIENT_WIDTH
+                for attr, hist, length in (
+                    ("act_hist", buf.act_hist, self._act_hist_len(index)),
+                    ("grad_hist", buf.grad_hist, self._grad_hist_len()),
+                ):
+                    if length:
+                        parts.append(hist.to(device) if hist is not None else _zeros(length, device))
+                        setattr(entry, attr, (offset, length))
+                        offset += length
+                for slot, width, vec in self._pack_masks(index, buf, distributed, device):
+                    parts.append(vec)
+                    entry.slots.append((slot, offset, width))
+                    offset += width
+                plan.append(entry)
+            shared_at = offset
+            if shared_max is not None:
+                parts.append(shared_max.to(device=device, dtype=torch.float64))
+                max_idx += range(offset, offset + shared_max.numel())
+                offset += shared_max.numel()
+            if distributed:
+                parts.append(self._layout_flag(device))
+            packed = torch.cat(parts) if parts else _zeros(0, device)
+            synced = sync_vector(packed, *self._reduction_indices(min_idx, max_idx, device))
             if not distributed or synced[-1].item() == 0:  # the layout flag (DDP only)
                 break
             self._agree_layout()  # every rank saw the flag: agree, then pack and sync again
-        return self._window_and_transfer(synced, packed.numel(), plan, distributed, device, extra)
-
-    def _pack_train_step(
-        self, device: torch.device, distributed: bool
-    ) -> tuple[Tensor, Tensor, Tensor, list[_LayerPlan]]:
-        """All layers' totals, histograms and fire masks in one float64 vector, with its layout."""
-        parts: list[Tensor] = []
-        min_idx: list[int] = []
-        max_idx: list[int] = []
-        plan: list[_LayerPlan] = []
-        offset = 0
-        for index, buf in enumerate(self.capture.buffers):
-            entry = _LayerPlan(base=offset)
-            act = buf.act if buf.act is not None else R.empty_activation_totals(device)
-            grad = buf.grad if buf.grad is not None else R.empty_gradient_totals(device)
-            min_idx.append(offset + R.A_MIN)
-            max_idx += [offset + R.A_MAX, offset + R.ACTIVATION_WIDTH + R.G_ABSMAX]
-            parts += [act.to(device), grad.to(device)]
-            offset += R.ACTIVATION_WIDTH + R.GRADIENT_WIDTH
-            for attr, hist, length in (
-                ("act_hist", buf.act_hist, self._act_hist_len(index)),
-                ("grad_hist", buf.grad_hist, self._grad_hist_len()),
-            ):
-                if length:
-                    parts.append(hist.to(device) if hist is not None else _zeros(length, device))
-                    setattr(entry, attr, (offset, length))
-                    offset += length
-            for slot, width, vec in self._pack_masks(index, buf, distributed, device):
-                parts.append(vec)
-                entry.slots.append((slot, offset, width))
-                offset += width
-            plan.append(entry)
-        if distributed:
-            parts.append(self._layout_flag(device))
-        packed = torch.cat(parts) if parts else _zeros(0, device)
-        return (
-            packed,
-            torch.tensor(min_idx, dtype=torch.long, device=device),
-            torch.tensor(max_idx, dtype=torch.long, device=device),
-            plan,
-        )
-
-    def _window_and_transfer(
-        self,
-        synced: Tensor,
-        packed_len: int,
-        plan: list[_LayerPlan],
-        distributed: bool,
-        device: torch.device,
-        extra: Tensor | None,
-    ) -> tuple[list[LayerReading], list[float]]:
-        """Push the synced fire masks into the windows, then move everything to the host once."""
         # Windows and dead counts on the device, from the synced (global) fire masks.
         dead_counts: list[Tensor] = []
         for index, entry in enumerate(plan):
@@ -273,10 +267,12 @@ class Accumulator:
         host = torch.cat(tail).tolist()  # the one device-to-host transfer of the step
 
         readings = []
-        cursor = packed_len
+        cursor = packed.numel()
         for entry in plan:
-            act = host[entry.base : entry.base + R.ACTIVATION_WIDTH]
-            grad = host[entry.base + R.ACTIVATION_WIDTH : entry.base + R.ACTIVATION_WIDTH + R.GRADIENT_WIDTH]
+            act_host: list[float] = host[entry.base : entry.base + R.ACTIVATION_WIDTH]
+            grad_host: list[float] = host[
+                entry.base + R.ACTIVATION_WIDTH : entry.base + R.ACTIVATION_WIDTH + R.GRADIENT_WIDTH
+            ]
             dead = units = 0
             for width, _full in entry.windows:
                 dead += int(host[cursor])
@@ -285,14 +281,29 @@ class Accumulator:
             complete = bool(entry.windows) and all(full for _w, full in entry.windows)
             readings.append(
                 LayerReading(
-                    metrics={**R.derive_activation(act), **R.derive_gradient(grad)},
-                    act_hist=_slice(host, entry.act_hist) if act[R.A_COUNT] > 0 else None,
-                    grad_hist=_slice(host, entry.grad_hist) if grad[R.G_COUNT] > 0 else None,
+                    metrics={**R.derive_activation(act_host), **R.derive_gradient(grad_host)},
+                    act_hist=_slice(host, entry.act_hist) if act_host[R.A_COUNT] > 0 else None,
+                    grad_hist=_slice(host, entry.grad_hist) if grad_host[R.G_COUNT] > 0 else None,
                     dead_units=dead if complete else None,
                     units=units,
                 )
             )
-        return readings, (host[cursor:] if extra is not None else [])
+        shared = host[shared_at : packed.numel() - (1 if distributed else 0)]  # not the layout flag
+        return readings, (host[cursor:] if extra is not None else []), shared
+
+    def _reduction_indices(self, min_idx: list[int], max_idx: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
+        """Index tensors for the min/max fields, built once per layout and only when ranks are synced.
+
+        Building them from Python lists is a host-to-device copy, which on a GPU blocks the host:
+        outside DDP they are never needed, under DDP they are cached.
+        """
+        if world_size() == 1:
+            return _NO_INDEX, _NO_INDEX
+        key = (tuple(min_idx), tuple(max_idx), str(device))
+        if self._index_cache is None or self._index_cache[0] != key:
+            as_tensor = lambda idx: torch.tensor(idx, dtype=torch.long, device=device)  # noqa: E731
+            self._index_cache = (key, as_tensor(min_idx), as_tensor(max_idx))
+        return self._index_cache[1], self._index_cache[2]
 
     def _act_hist_len(self, index: int) -> int:
         edges = self.capture.act_edges
@@ -307,9 +318,8 @@ class Accumulator:
 
         Exact over every example of the pass on every rank; one collective, one transfer.
         """
-        device = self._device()
+        device = self.device()
         distributed = world_size() > 1
-        empty = torch.zeros(0, dtype=torch.long, device=device)
         while True:
             parts: list[Tensor] = []
             plan: list[list[int]] = []
@@ -321,7 +331,7 @@ class Accumulator:
                 parts.append(self._layout_flag(device))
             elif not parts:
                 return [(0, 0) for _ in plan]
-            synced = sync_vector(torch.cat(parts), empty, empty)
+            synced = sync_vector(torch.cat(parts), _NO_INDEX, _NO_INDEX)
             if not distributed or synced[-1].item() == 0:
                 break
             self._agree_layout()
@@ -341,7 +351,7 @@ class Accumulator:
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        device = self._device()
+        device = self.device()
         for key, width in dict(state.get("widths", {})).items():  # type: ignore[call-overload]
             i, s = (int(p) for p in key.split(":"))
             self.widths[(i, s)] = int(width)

@@ -226,15 +226,21 @@ def linear_edges(bins: int, low: float, high: float) -> Tensor:
     return torch.linspace(low, high, bins + 1, dtype=torch.float64).float()
 
 
+def _mean_std(n: float, total: float, total_sq: float) -> tuple[float, float]:
+    """Mean and sample std (as ``torch.std``) from a count, a sum and a sum of squares."""
+    mean = total / n
+    var = max(total_sq / n - mean * mean, 0.0) if math.isfinite(mean) else math.nan
+    if n == 1:
+        return mean, 0.0
+    return mean, (math.sqrt(var * n / (n - 1)) if math.isfinite(var) else math.nan)
+
+
 def derive_activation(t: Sequence[float]) -> dict[str, float]:
     """Turn activation totals (already on the host) into the logged readings."""
     n = t[A_COUNT]
     if n <= 0:
         return {}
-    mean = t[A_SUM] / n
-    var = max(t[A_SUMSQ] / n - mean * mean, 0.0) if math.isfinite(mean) else math.nan
-    # Population to sample variance, as torch.std does by default.
-    std = math.sqrt(var * n / (n - 1)) if n > 1 and math.isfinite(var) else (0.0 if n == 1 else math.nan)
+    mean, std = _mean_std(n, t[A_SUM], t[A_SUMSQ])
     return {
         "act_mean": mean,
         "act_std": std,
@@ -251,9 +257,7 @@ def derive_gradient(t: Sequence[float]) -> dict[str, float]:
     n = t[G_COUNT]
     if n <= 0:
         return {}
-    mean = t[G_SUM] / n
-    var = max(t[G_SUMSQ] / n - mean * mean, 0.0) if math.isfinite(mean) else math.nan
-    std = math.sqrt(var * n / (n - 1)) if n > 1 and math.isfinite(var) else (0.0 if n == 1 else math.nan)
+    _mean, std = _mean_std(n, t[G_SUM], t[G_SUMSQ])
     return {
         "grad_std": std,
         "grad_max": t[G_ABSMAX],

@@ -1,0 +1,212 @@
+"""Micro-benchmark: HealthMonitor's per-layer reductions against one read of the same tensors.
+
+For each workload, one forward and backward pass captures every monitored layer's activation and
+activation gradient (the layers HealthMonitor selects by default). Then, on those captured
+tensors only, with 2 threads:
+
+* **one read**: a single ``sum`` over every activation and every gradient, stacked and moved to the
+  host once. No reduction can read its input in less time: this is the physical limit.
+* **reductions**: exactly the per-layer work HealthMonitor's hooks do on a sampled step (see
+  ``lightning_health/capture.py``): per activation ``unit_fire_mask`` + ``activation_totals`` +
+  ``histogram_counts(histogram_sample(...))``, per gradient ``gradient_totals`` + histogram, then
+  everything stacked and moved to the host once.
+
+The ratio of the two is the distance to the physical limit (issue 5's target: within 4x). A
+breakdown per reduction shows where that time goes.
+
+Run: ``python -m benchmarks.micro [--workloads mlp,cnn,lm] [--repeats 20]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from benchmarks.harness import NUM_THREADS
+from benchmarks.workloads import WORKLOADS, make_workload
+
+
+@dataclass
+class Captured:
+    """The monitored layers' tensors of one training step."""
+
+    names: list[str]
+    activations: list[Tensor]
+    gradients: list[Tensor]
+    neuron_dims: list[int]
+    bounds: list[tuple[float, float] | None]
+
+    @property
+    def megabytes(self) -> float:
+        """Total size of all captured tensors in MB."""
+        return sum(t.numel() * t.element_size() for t in self.activations + self.gradients) / 1e6
+
+
+def capture(workload: str, *, tiny: bool = False, seed: int = 0) -> Captured:
+    """Run one forward/backward of ``workload`` and keep the default-selected layers' tensors."""
+    from lightning_health.selection import select_layers
+
+    module, loader = make_workload(workload, num_batches=1, tiny=tiny, seed=seed)
+    layers = select_layers(module)
+    acts: dict[int, Tensor] = {}
+    grads: dict[int, Tensor] = {}
+    handles = []
+
+    def make_hook(index: int) -> Callable[..., None]:
+        def hook(_: torch.nn.Module, __: object, output: Tensor) -> None:
+            acts[index] = output.detach()
+            output.register_hook(lambda g: grads.__setitem__(index, g.detach()))
+
+        return hook
+
+    for index, layer in enumerate(layers):
+        handles.append(layer.module.register_forward_hook(make_hook(index)))
+    try:
+        loss = module.training_step(next(iter(loader)), 0)
+        loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    order = [i for i in range(len(layers)) if i in acts and i in grads]
+    return Captured(
+        names=[layers[i].name for i in order],
+        activations=[acts[i] for i in order],
+        gradients=[grads[i] for i in order],
+        neuron_dims=[layers[i].neuron_dim if acts[i].dim() >= 3 else -1 for i in order],
+        bounds=[layers[i].profile.bounds for i in order],
+    )
+
+
+def one_read(c: Captured) -> list[float]:
+    """The physical limit: every element of every captured tensor read once, one host transfer."""
+    return torch.stack([t.sum() for t in c.activations + c.gradients]).tolist()
+
+
+def _parts(c: Captured, bins: int = 64, samples: int = 8192) -> dict[str, Callable[[], list[Tensor]]]:
+    from lightning_health import reductions as R
+
+    act_edges = R.symlog_edges(bins, 1e-4, 1e4)
+    grad_edges = R.symlog_edges(bins, 1e-9, 1e3)
+    return {
+        "fire mask": lambda: [
+            R.unit_fire_mask(y, d).to(torch.float64) for y, d in zip(c.activations, c.neuron_dims, strict=True)
+        ],
+        "activation totals": lambda: [
+            R.activation_totals(y, b, 0.01) for y, b in zip(c.activations, c.bounds, strict=True)
+        ],
+        "activation histogram": lambda: [
+            R.histogram_counts(R.histogram_sample(y, samples), act_edges) for y in c.activations
+        ],
+        "gradient totals": lambda: [R.gradient_totals(g) for g in c.gradients],
+        "gradient histogram": lambda: [
+            R.histogram_counts(R.histogram_sample(g, samples), grad_edges) for g in c.gradients
+        ],
+    }
+
+
+def reductions(c: Captured) -> list[float]:
+    """Everything HealthMonitor computes from these tensors on a sampled step, one host transfer."""
+    out: list[Tensor] = []
+    for part in _parts(c).values():
+        out += part()
+    return torch.cat(out).tolist()
+
+
+def _time(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up: first-call dispatch and allocation
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class MicroRow:
+    """Micro-benchmark result of one workload (seconds)."""
+
+    workload: str
+    layers: int
+    megabytes: float
+    read_s: float
+    reductions_s: float
+    parts_s: dict[str, float]
+
+    @property
+    def ratio(self) -> float:
+        """Reductions time over one-read time: the distance to the physical limit."""
+        return self.reductions_s / self.read_s
+
+
+def run_micro(workloads: Sequence[str], *, tiny: bool = False, repeats: int = 20) -> list[MicroRow]:
+    """Time one read and the reductions (in total and per part) for each workload."""
+    torch.set_num_threads(NUM_THREADS)
+    rows = []
+    for workload in workloads:
+        c = capture(workload, tiny=tiny)
+        parts = {name: _time(lambda fn=fn: torch.cat(fn()).tolist(), repeats) for name, fn in _parts(c).items()}
+        rows.append(
+            MicroRow(
+                workload=workload,
+                layers=len(c.names),
+                megabytes=c.megabytes,
+                read_s=_time(lambda c=c: one_read(c), repeats),
+                reductions_s=_time(lambda c=c: reductions(c), repeats),
+                parts_s=parts,
+            )
+        )
+    return rows
+
+
+def micro_markdown(workloads: Sequence[str], *, tiny: bool = False, repeats: int = 20) -> str:
+    """The micro-benchmark as a markdown section (or a note when the core is not importable)."""
+    try:
+        rows = run_micro(workloads, tiny=tiny, repeats=repeats)
+    except ImportError as error:
+        return f"## Reductions against one read\n\nNot run: the core could not be imported ({error}).\n"
+    part_names = list(rows[0].parts_s) if rows else []
+    lines = [
+        "## Reductions against one read (distance to the physical limit)",
+        "",
+        f"`python -m benchmarks.micro`: on the tensors of one training step (every default-selected layer's"
+        f" activation and activation gradient), median of {repeats} runs, 2 threads. *one read* is a single"
+        " `sum` over every tensor and one host transfer; *reductions* is all of HealthMonitor's per-layer work on"
+        " a sampled step and one host transfer. Parts are timed separately (each with its own host transfer).",
+        "",
+        "| workload | layers | MB read | one read (ms) | reductions (ms) | ratio | "
+        + " | ".join(f"{p} (ms)" for p in part_names)
+        + " |",
+        "|---|---:|---:|---:|---:|---:|" + "---:|" * len(part_names),
+    ]
+    for r in rows:
+        parts = " | ".join(f"{r.parts_s[p] * 1e3:.2f}" for p in part_names)
+        lines.append(
+            f"| {r.workload} | {r.layers} | {r.megabytes:.1f} | {r.read_s * 1e3:.2f} | {r.reductions_s * 1e3:.2f} "
+            f"| {r.ratio:.1f}x | {parts} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the micro-benchmark table."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.micro", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated, from mlp,cnn,lm")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--tiny", action="store_true")
+    args = parser.parse_args(argv)
+    names = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in names if w not in WORKLOADS]
+    if unknown:
+        parser.error(f"Expected `--workloads` from {', '.join(WORKLOADS)}, got {args.workloads!r}")
+    print(micro_markdown(names, tiny=args.tiny, repeats=args.repeats))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Smoke test of the benchmark harness (issue 5): tiny workloads, a few steps, no timing assertions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import run
+from benchmarks.anchors import host_statistics
+from benchmarks.harness import VARIANTS
+from benchmarks.workloads import WORKLOADS, make_workload
+
+
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_tiny_workload_trains_one_step(name: str) -> None:
+    module, loader = make_workload(name, num_batches=2, tiny=True)
+    batch = next(iter(loader))
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert len(loader) == 2
+
+
+def test_workload_rejects_unknown_name() -> None:
+    with pytest.raises(ValueError, match="Expected `name` to be one of"):
+        make_workload("resnet", num_batches=1)
+
+
+def test_host_statistics_match_numpy_definitions() -> None:
+    import numpy as np
+
+    values = np.array([[0.0, 1.0], [2.0, -3.0]], dtype=np.float32)
+    stats, counts, edges = host_statistics(values, bins=4)
+    assert stats["zero_fraction"] == 0.25
+    assert stats["min"] == -3.0 and stats["max"] == 2.0
+    assert counts.sum() == 4 and len(edges) == 5
+
+
+@pytest.mark.slow
+def test_quick_run_writes_a_row_for_every_variant(tmp_path: Path) -> None:
+    out = tmp_path / "performance.md"
+    report = run.main(["--quick", "--workloads", "mlp", "--out", str(out)])
+    assert out.read_text() == report
+    for variant in VARIANTS:
+        assert f"| {variant.label} |" in report, variant.name
+    assert "| date |" in report and "| machine |" in report
+    assert "python -m benchmarks.run --quick --workloads mlp" in report
+    assert "Reductions against one read" in report
