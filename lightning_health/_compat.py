@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 _bases: list[type] = []
 try:
     from lightning.pytorch.callbacks import Callback as _LightningCallback
@@ -41,9 +43,16 @@ def rank_zero(trainer: Any) -> bool:
 
 def grad_scale_tensor(trainer: Any) -> Any:
     """The AMP loss scale as a device tensor (no host sync), or None when gradients are unscaled."""
-    plugin = getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
-    scaler = getattr(plugin, "scaler", None)
-    scale = getattr(scaler, "_scale", None)
-    if scaler is None or scale is None or not getattr(scaler, "_enabled", True):
+    strategy = getattr(trainer, "strategy", None)
+    scaler = getattr(getattr(strategy, "precision_plugin", None), "scaler", None)
+    if scaler is None or not getattr(scaler, "_enabled", True):
         return None
+    scale = getattr(scaler, "_scale", None)
+    if scale is None:
+        # GradScaler creates its scale lazily, in the first scale() call (the first backward): until
+        # then the scale that call will use is the initial one, a plain float (no device sync).
+        init = getattr(scaler, "_init_scale", None)
+        if init is None:
+            return None
+        return torch.full((), float(init), device=getattr(strategy, "root_device", "cpu"))
     return scale.detach().clone()

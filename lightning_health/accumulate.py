@@ -8,6 +8,20 @@ dead-unit windows on the device, and moved to the host with one ``.tolist()``.
 Dead units: a unit is dead when it never fired (output > 0) on any example of any sampled batch in
 the window, i.e. the last ``window`` sampled batches. The dead fraction of a layer is reported only
 once its window is full, because one batch is never enough evidence.
+
+Layout agreement (DDP): all ranks must pack vectors of the same layout, but a fire mask's width is
+only known once a rank has run the layer, and one rank may never run a layer another one runs
+(a zero-size batch still runs it; a data-dependent branch may not). So in distributed runs only
+the (layer, call slot) masks every rank has agreed on are packed, plus one flag element that says
+"some rank has seen a slot outside the agreed layout". When the synced flag is set, which every
+rank sees at the same step, the ranks merge their layouts (one ``all_gather_object``) and pack and
+sync again; nothing is lost. This happens on the first sampled step and whenever a new slot first
+appears; every other sampled step costs exactly one ``all_gather``, plus a one-element host read of
+the flag.
+
+Dead units: a unit is dead when it never fired (output > 0) on any example of any sampled batch in
+the window, i.e. the last ``window`` sampled batches. The dead fraction of a layer is reported only
+once its window is full, because one batch is never enough evidence.
 """
 
 from __future__ import annotations
@@ -127,6 +141,7 @@ class Accumulator:
         self.windows: dict[tuple[int, int], UnitWindow] = {}
         self.widths: dict[tuple[int, int], int] = {}  # (layer, slot) -> units, remembered across steps
         self._index_cache: tuple[tuple[object, ...], Tensor, Tensor] | None = None
+        self.agreed: dict[tuple[int, int], int] = {}  # DDP: the (layer, slot) -> units every rank packs
 
     def device(self) -> torch.device:
         for buf in self.capture.buffers:
@@ -142,6 +157,43 @@ class Accumulator:
         for slot, mask in buf.fired.items():
             self.widths[(index, slot)] = mask.numel()
         return sorted(slot for (i, slot) in self.widths if i == index)
+
+    def _packed_slots(self, index: int, buf: StepBuffers, distributed: bool) -> list[tuple[int, int]]:
+        """``(slot, width)`` of the masks to pack: every known slot, or in DDP only the agreed ones."""
+        local = self._slots(index, buf)
+        if not distributed:
+            return [(slot, self.widths[(index, slot)]) for slot in local]
+        return sorted((slot, width) for (i, slot), width in self.agreed.items() if i == index)
+
+    def _layout_flag(self, device: torch.device) -> Tensor:
+        """One element, 1 when this rank knows a (layer, slot) outside the agreed layout."""
+        new = any(key not in self.agreed for key in self.widths)
+        return torch.full((1,), float(new), dtype=torch.float64, device=device)
+
+    def _agree_layout(self) -> None:
+        """Every rank: merge all ranks' ``(layer, slot) -> width`` into the agreed layout."""
+        gathered: list[dict[tuple[int, int], int] | None] = [None] * world_size()
+        dist.all_gather_object(gathered, dict(self.widths))
+        for widths in gathered:
+            for key, width in (widths or {}).items():
+                self.agreed[key] = max(self.agreed.get(key, 0), width)
+        self.widths.update(self.agreed)  # a slot this rank never ran is now known here too
+
+    def _pack_masks(
+        self, index: int, buf: StepBuffers, distributed: bool, device: torch.device
+    ) -> list[tuple[int, int, Tensor]]:
+        """``(slot, width, float64 mask)`` to pack for one layer (zeros where the slot did not run)."""
+        out = []
+        for slot, width in self._packed_slots(index, buf, distributed):
+            mask = buf.fired.get(slot)
+            if mask is None:
+                out.append((slot, width, _zeros(width, device)))
+                continue
+            vec = mask.to(device=device, dtype=torch.float64).reshape(-1)
+            if vec.numel() != width:  # DDP: ranks disagreed on the width; pad/cut to the agreed one
+                vec = torch.cat([vec, _zeros(width, device)])[:width]
+            out.append((slot, width, vec))
+        return out
 
     def finish_train_step(
         self, extra: Tensor | None = None, shared_max: Tensor | None = None
@@ -159,44 +211,48 @@ class Accumulator:
             the synced ``shared_max``.
         """
         device = self.device()
-        parts: list[Tensor] = []
-        min_idx: list[int] = []
-        max_idx: list[int] = []
-        plan: list[_LayerPlan] = []
-        offset = 0
-        for index, buf in enumerate(self.capture.buffers):
-            entry = _LayerPlan(base=offset)
-            act = buf.act if buf.act is not None else R.empty_activation_totals(device)
-            grad = buf.grad if buf.grad is not None else R.empty_gradient_totals(device)
-            min_idx.append(offset + R.A_MIN)
-            max_idx += [offset + R.A_MAX, offset + R.ACTIVATION_WIDTH + R.G_ABSMAX]
-            parts += [act.to(device), grad.to(device)]
-            offset += R.ACTIVATION_WIDTH + R.GRADIENT_WIDTH
-            for attr, hist, length in (
-                ("act_hist", buf.act_hist, self._act_hist_len(index)),
-                ("grad_hist", buf.grad_hist, self._grad_hist_len()),
-            ):
-                if length:
-                    parts.append(hist.to(device) if hist is not None else _zeros(length, device))
-                    setattr(entry, attr, (offset, length))
-                    offset += length
-            for slot in self._slots(index, buf):
-                width = self.widths[(index, slot)]
-                mask = buf.fired.get(slot)
-                parts.append(mask.to(device=device, dtype=torch.float64) if mask is not None else _zeros(width, device))
-                entry.slots.append((slot, offset, width))
-                offset += width
-            plan.append(entry)
-        shared_at = offset
-        if shared_max is not None:
-            parts.append(shared_max.to(device=device, dtype=torch.float64))
-            max_idx += range(offset, offset + shared_max.numel())
-            offset += shared_max.numel()
-        packed = torch.cat(parts) if parts else _zeros(0, device)
-        synced = sync_vector(packed, *self._reduction_indices(min_idx, max_idx, device))
+        distributed = world_size() > 1
+        while True:
+            parts: list[Tensor] = []
+            min_idx: list[int] = []
+            max_idx: list[int] = []
+            plan: list[_LayerPlan] = []
+            offset = 0
+            for index, buf in enumerate(self.capture.buffers):
+                entry = _LayerPlan(base=offset)
+                act = buf.act if buf.act is not None else R.empty_activation_totals(device)
+                grad = buf.grad if buf.grad is not None else R.empty_gradient_totals(device)
+                min_idx.append(offset + R.A_MIN)
+                max_idx += [offset + R.A_MAX, offset + R.ACTIVATION_WIDTH + R.G_ABSMAX]
+                parts += [act.to(device), grad.to(device)]
+                offset += R.ACTIVATION_WIDTH + R.GRADIENT_WIDTH
+                for attr, hist, length in (
+                    ("act_hist", buf.act_hist, self._act_hist_len(index)),
+                    ("grad_hist", buf.grad_hist, self._grad_hist_len()),
+                ):
+                    if length:
+                        parts.append(hist.to(device) if hist is not None else _zeros(length, device))
+                        setattr(entry, attr, (offset, length))
+                        offset += length
+                for slot, width, vec in self._pack_masks(index, buf, distributed, device):
+                    parts.append(vec)
+                    entry.slots.append((slot, offset, width))
+                    offset += width
+                plan.append(entry)
+            shared_at = offset
+            if shared_max is not None:
+                parts.append(shared_max.to(device=device, dtype=torch.float64))
+                max_idx += range(offset, offset + shared_max.numel())
+                offset += shared_max.numel()
+            if distributed:
+                parts.append(self._layout_flag(device))
+            packed = torch.cat(parts) if parts else _zeros(0, device)
+            synced = sync_vector(packed, *self._reduction_indices(min_idx, max_idx, device))
+            if not distributed or synced[-1].item() == 0:  # the layout flag (DDP only)
+                break
+            self._agree_layout()  # every rank saw the flag: agree, then pack and sync again
         # Windows and dead counts on the device, from the synced (global) fire masks.
         dead_counts: list[Tensor] = []
-        distributed = world_size() > 1
         for index, entry in enumerate(plan):
             for slot, start, width in entry.slots:
                 win = self.windows.setdefault((index, slot), UnitWindow(self.window))
@@ -232,7 +288,7 @@ class Accumulator:
                     units=units,
                 )
             )
-        shared = host[shared_at : packed.numel()]
+        shared = host[shared_at : packed.numel() - (1 if distributed else 0)]  # not the layout flag
         return readings, (host[cursor:] if extra is not None else []), shared
 
     def _reduction_indices(self, min_idx: list[int], max_idx: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -263,19 +319,22 @@ class Accumulator:
         Exact over every example of the pass on every rank; one collective, one transfer.
         """
         device = self.device()
-        parts: list[Tensor] = []
-        plan: list[list[int]] = []
-        for index, buf in enumerate(self.capture.buffers):
-            widths = []
-            for slot in self._slots(index, buf):
-                width = self.widths[(index, slot)]
-                mask = buf.fired.get(slot)
-                parts.append(mask.to(device=device, dtype=torch.float64) if mask is not None else _zeros(width, device))
-                widths.append(width)
-            plan.append(widths)
-        if not parts:
-            return [(0, 0) for _ in plan]
-        synced = sync_vector(torch.cat(parts), _NO_INDEX, _NO_INDEX)
+        distributed = world_size() > 1
+        while True:
+            parts: list[Tensor] = []
+            plan: list[list[int]] = []
+            for index, buf in enumerate(self.capture.buffers):
+                masks = self._pack_masks(index, buf, distributed, device)
+                parts += [vec for _slot, _width, vec in masks]
+                plan.append([width for _slot, width, _vec in masks])
+            if distributed:
+                parts.append(self._layout_flag(device))
+            elif not parts:
+                return [(0, 0) for _ in plan]
+            synced = sync_vector(torch.cat(parts), _NO_INDEX, _NO_INDEX)
+            if not distributed or synced[-1].item() == 0:
+                break
+            self._agree_layout()
         fired_per_layer = []
         start = 0
         for widths in plan:

@@ -13,6 +13,11 @@ reduction: only fixed-size totals, per-unit fire masks and sample histograms sta
 
 During validation the hooks only OR-accumulate per-unit fire masks, which is exactly what the
 validation dead fraction needs.
+
+``torch.compile``: the hook body runs under ``torch.compiler.disable``, so Dynamo never traces the
+reductions or guards on the monitor's Python state (call slots, buffers), which would otherwise
+recompile the user's model on later sampled steps. A hooked module becomes a graph break; measured
+with torch 2.13 (tests/test_reliability.py), a run compiles once and never recompiles after.
 """
 
 from __future__ import annotations
@@ -79,6 +84,28 @@ def first_tensor(output: Any) -> Tensor | None:
 def _in_backward() -> bool:
     """True while autograd runs a backward pass (e.g. activation checkpointing recomputes a forward)."""
     return torch._C._current_graph_task_id() != -1
+
+
+class _ForwardHook:
+    """The forward hook of one monitored module.
+
+    A model copied or pickled while the hooks are attached (``copy.deepcopy`` by an EMA/SWA
+    callback, ``torch.save(model)``) gets an inert hook: the copy never feeds this run's readings,
+    and pickling does not fail on a closure.
+    """
+
+    __slots__ = ("capture", "index")
+
+    def __init__(self, capture: Capture | None, index: int) -> None:
+        self.capture = capture
+        self.index = index
+
+    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self.capture is not None:
+            self.capture._hook(self.index, output)
+
+    def __reduce__(self) -> tuple[type, tuple[None, int]]:
+        return (_ForwardHook, (None, -1))
 
 
 class Capture:
@@ -150,22 +177,23 @@ class Capture:
 
     # -- hooks ------------------------------------------------------------------------------------
     def _make_hook(self, index: int) -> Any:
-        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-            if self.mode is Mode.OFF or index in self._broken:
-                return
-            try:
-                self._on_forward(index, output)
-            except Exception as err:  # a fault in a user's model must never crash the run
-                self._broken.add(index)
-                warnings.warn(
-                    f"lightning_health stopped reading layer `{self.layers[index].name}` after an error in its "
-                    f"hook ({type(err).__name__}: {err}); training continues.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+        return _ForwardHook(self, index)
 
-        return hook
+    def _hook(self, index: int, output: Any) -> None:
+        if self.mode is Mode.OFF or index in self._broken:
+            return
+        try:
+            self._on_forward(index, output)
+        except Exception as err:  # a fault in a user's model must never crash the run
+            self._broken.add(index)
+            warnings.warn(
+                f"lightning_health stopped reading layer `{self.layers[index].name}` after an error in its "
+                f"hook ({type(err).__name__}: {err}); training continues.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
+    @torch.compiler.disable  # eager even inside a compiled model (see the module docstring)
     def _on_forward(self, index: int, output: Any) -> None:
         y = first_tensor(output)
         if y is None:
@@ -178,6 +206,8 @@ class Capture:
         if self.mode is Mode.TRAIN and y.requires_grad and torch.is_grad_enabled():
             y.register_hook(self._make_grad_hook(index))
         if recomputing:
+            return
+        if y.numel() == 0:  # no example, no evidence about any unit (the width is agreed later in DDP)
             return
         fired = R.unit_fire_mask(y, dim)
         prev = buf.fired.get(slot)
