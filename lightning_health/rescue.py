@@ -181,7 +181,7 @@ def find_units_weights(model: nn.Module, activation_name: str) -> UnitWeights:
         )
     chain, index = _chain(model, activation_name)
 
-    def walk(steps: Sequence[int]) -> tuple[str, UnitLayer, list[tuple[str, _BatchNorm]]]:
+    def walk(steps: Sequence[int], side: str) -> tuple[str, UnitLayer, list[tuple[str, _BatchNorm]]]:
         norms: list[tuple[str, _BatchNorm]] = []
         for i in steps:
             name, module = chain[i]
@@ -199,15 +199,14 @@ def find_units_weights(model: nn.Module, activation_name: str) -> UnitWeights:
                     "mixes units or is opaque (only activations, Dropout, Identity, pooling and BatchNorm may sit "
                     "between the feeding and the consuming layer)",
                 )
-        side = "before" if steps and steps[0] < index else "after"
         raise ValueError(
             f"Cannot map the units of `{activation_name}` to weights: no Linear or Conv layer {side} it in its "
             f"nn.Sequential{' (it feeds the output or code outside the Sequential)' if side == 'after' else ''}. "
             "Pass the layers to `reinit_dead_units(layer_in, layer_out, mask)` yourself."
         )
 
-    in_name, layer_in, norms_before = walk(range(index - 1, -1, -1))
-    out_name, layer_out, norms_after = walk(range(index + 1, len(chain)))
+    in_name, layer_in, norms_before = walk(range(index - 1, -1, -1), "before")
+    out_name, layer_out, norms_after = walk(range(index + 1, len(chain)), "after")
     norms = list(reversed(norms_before)) + norms_after
     return UnitWeights(
         activation_name=activation_name,
