@@ -102,6 +102,11 @@ class UnitWeights:
     norms: tuple[_BatchNorm, ...] = ()
 
 
+def _is_plain_sequential(module: nn.Module) -> bool:
+    """An nn.Sequential whose forward is Sequential's own: its children run in registration order."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
 def _chain(model: nn.Module, name: str) -> tuple[list[tuple[str, nn.Module]], int]:
     """The forward-ordered leaves of the outermost nn.Sequential that holds ``name``, and its index."""
     parts = name.split(".")
@@ -110,20 +115,20 @@ def _chain(model: nn.Module, name: str) -> tuple[list[tuple[str, nn.Module]], in
         path.append(getattr(path[-1], part))
     # Climb while the ancestors are Sequential: their order is the forward order.
     depth = len(parts) - 1  # index in `path` of the direct parent
-    if not isinstance(path[depth], nn.Sequential):
+    if not _is_plain_sequential(path[depth]):
         kind = type(path[depth]).__name__
         parent = ".".join(parts[:-1]) or "<model>"
         raise ValueError(
-            f"Cannot map the units of `{name}` to weights: its parent `{parent}` ({kind}) is not an nn.Sequential, "
-            "so the order of its forward pass is unknown. Pass the feeding and consuming layers to "
-            "`reinit_dead_units(layer_in, layer_out, mask)` yourself."
+            f"Cannot map the units of `{name}` to weights: its parent `{parent}` ({kind}) is not an nn.Sequential "
+            "with Sequential's own forward, so the order of its forward pass is unknown. Pass the feeding and "
+            "consuming layers to `reinit_dead_units(layer_in, layer_out, mask)` yourself."
         )
-    while depth > 0 and isinstance(path[depth - 1], nn.Sequential):
+    while depth > 0 and _is_plain_sequential(path[depth - 1]):
         depth -= 1
     prefix = ".".join(parts[:depth])
 
     def leaves(module: nn.Module, qual: str) -> Iterable[tuple[str, nn.Module]]:
-        if isinstance(module, nn.Sequential):
+        if _is_plain_sequential(module):
             for child_name, child in module.named_children():
                 yield from leaves(child, f"{qual}.{child_name}" if qual else child_name)
         else:

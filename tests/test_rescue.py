@@ -176,6 +176,25 @@ def test_conv_with_batchnorm_and_depthwise_consumer_keeps_the_function() -> None
     assert fired[dead].all()
 
 
+def test_dormant_unit_changes_the_output_by_exactly_its_removed_contribution() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.GELU(), nn.Linear(6, 2))
+    x = torch.randn(32, 3)
+    with torch.no_grad():
+        model[0].weight[2] *= 1e-3  # unit 2 barely moves: GELU(~b) is small but not zero
+        model[0].bias[2] = -3.0
+        a = model[1](model[0](x))
+        contribution = a[:, 2:3] * model[2].weight[:, 2]
+        out_before = model(x)
+    dormant = dormant_mask(unit_abs_sums(a), unit_counts(a), tau=0.025)
+    assert dormant.tolist() == [False, False, True, False, False, False]
+    assert dormant_mask(unit_abs_sums(a), unit_counts(a), tau=0.0).sum().item() == 0  # not dead
+    reinit_dead_units(model[0], model[2], dormant, init="kaiming")
+    with torch.no_grad():
+        out_after = model(x)
+    torch.testing.assert_close(out_before - out_after, contribution, atol=1e-6, rtol=0)
+
+
 def test_same_seed_gives_identical_weights_on_every_replica() -> None:
     a, b = _mlp(), _mlp()
     dead = torch.arange(64) % 3 == 0
@@ -276,6 +295,11 @@ def test_find_units_weights_in_a_modulelist_of_sequentials() -> None:
     assert (w.layer_in_name, w.layer_out_name, w.norm_names) == ("0.0", "0.3", ())
 
 
+class _Residual(nn.Sequential):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + super().forward(x)
+
+
 class _Custom(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -290,6 +314,16 @@ class _Custom(nn.Module):
     [
         (_Custom(), "act", r"its parent `<model>` \(_Custom\) is not an nn.Sequential"),
         (_Wrapper(_Custom()), "net.act", r"its parent `net` \(_Custom\) is not an nn.Sequential"),
+        (
+            nn.Sequential(nn.Linear(2, 4), _Residual(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))),
+            "1.1",
+            r"its parent `1` \(_Residual\) is not an nn.Sequential with Sequential's own forward",
+        ),
+        (
+            nn.Sequential(nn.Linear(4, 4), nn.ReLU(), _Residual(nn.Linear(4, 4))),
+            "1",
+            r"`2` \(_Residual\) mixes units or is opaque",
+        ),
         (
             nn.Sequential(nn.Linear(2, 4), nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 1)),
             "2",
