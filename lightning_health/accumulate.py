@@ -1,0 +1,301 @@
+"""From per-layer device buffers to host numbers: pack, sync across ranks once, window, transfer once.
+
+A sampled step ends here. Every layer's raw totals, histogram counts and per-unit fire masks are
+packed into one float64 vector, reduced across DDP ranks with a single collective (an all-gather
+followed by a local sum/min/max, so one call serves all three reductions), pushed into the rolling
+dead-unit windows on the device, and moved to the host with one ``.tolist()``.
+
+Dead units: a unit is dead when it never fired (output > 0) on any example of any sampled batch in
+the window, i.e. the last ``window`` sampled batches. The dead fraction of a layer is reported only
+once its window is full, because one batch is never enough evidence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_health import reductions as R
+from lightning_health.capture import Capture, StepBuffers
+
+
+@dataclasses.dataclass
+class LayerReading:
+    """One layer's numbers at one sampled step, on the host."""
+
+    metrics: dict[str, float]
+    act_hist: list[float] | None = None
+    grad_hist: list[float] | None = None
+    dead_units: int | None = None  # None until the window holds enough evidence
+    units: int = 0
+
+
+class UnitWindow:
+    """The last ``size`` fire masks of one layer call slot, as a ring on the device."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.ring: Tensor | None = None
+        self.filled = 0
+        self.pos = 0
+
+    @property
+    def full(self) -> bool:
+        return self.filled >= self.size
+
+    def push(self, fired: Tensor) -> None:
+        if self.ring is None or self.ring.shape[1] != fired.numel() or self.ring.device != fired.device:
+            self.ring = torch.zeros(self.size, fired.numel(), dtype=torch.bool, device=fired.device)
+            self.filled = self.pos = 0
+        self.ring[self.pos] = fired
+        self.pos = (self.pos + 1) % self.size
+        self.filled = min(self.filled + 1, self.size)
+
+    def dead(self) -> Tensor:
+        """Per-unit bool: never fired in the window."""
+        assert self.ring is not None
+        return ~self.ring.any(dim=0)
+
+    def state_dict(self) -> dict[str, object]:
+        return {"ring": None if self.ring is None else self.ring.cpu(), "filled": self.filled, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, object], device: torch.device) -> None:
+        ring = state.get("ring")
+        self.ring = ring.to(device) if isinstance(ring, Tensor) else None
+        if self.ring is not None and self.ring.shape[0] != self.size:  # window size changed: start afresh
+            self.ring, self.filled, self.pos = None, 0, 0
+            return
+        self.filled = int(state.get("filled", 0))  # type: ignore[call-overload]
+        self.pos = int(state.get("pos", 0))  # type: ignore[call-overload]
+
+
+@dataclasses.dataclass
+class _LayerPlan:
+    """Where one layer's numbers sit in the packed vector."""
+
+    base: int
+    act_hist: tuple[int, int] | None = None
+    grad_hist: tuple[int, int] | None = None
+    slots: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # (slot, offset, width)
+    windows: list[tuple[int, bool]] = dataclasses.field(default_factory=list)  # (width, window full)
+
+
+def _zeros(n: int, device: torch.device) -> Tensor:
+    return torch.zeros(n, dtype=torch.float64, device=device)
+
+
+def _slice(host: list[float], span: tuple[int, int] | None) -> list[float] | None:
+    return None if span is None else host[span[0] : span[0] + span[1]]
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def sync_vector(vec: Tensor, min_idx: Tensor, max_idx: Tensor) -> Tensor:
+    """Reduce ``vec`` across ranks in ONE collective: sum everywhere, min/max at the given indices.
+
+    Every rank must call this with vectors of the same layout; non-distributed runs return ``vec``.
+    """
+    n = world_size()
+    if n == 1:
+        return vec
+    gathered = [torch.empty_like(vec) for _ in range(n)]
+    dist.all_gather(gathered, vec.contiguous())
+    stacked = torch.stack(gathered)
+    out = stacked.sum(dim=0)
+    if min_idx.numel():
+        out[min_idx] = stacked[:, min_idx].amin(dim=0)
+    if max_idx.numel():
+        out[max_idx] = stacked[:, max_idx].amax(dim=0)
+    return out
+
+
+class Accumulator:
+    """Per-layer state across sampled steps: the dead-unit windows, and the step-end pipeline."""
+
+    def __init__(self, capture: Capture, window: int) -> None:
+        self.capture = capture
+        self.window = window
+        self.windows: dict[tuple[int, int], UnitWindow] = {}
+        self.widths: dict[tuple[int, int], int] = {}  # (layer, slot) -> units, remembered across steps
+
+    def _device(self) -> torch.device:
+        for buf in self.capture.buffers:
+            for t in (buf.act, buf.grad, *buf.fired.values()):
+                if t is not None:
+                    return t.device
+        for layer in self.capture.layers:
+            for p in layer.module.parameters():
+                return p.device
+        return torch.device("cpu")
+
+    def _slots(self, index: int, buf: StepBuffers) -> list[int]:
+        for slot, mask in buf.fired.items():
+            self.widths[(index, slot)] = mask.numel()
+        return sorted(slot for (i, slot) in self.widths if i == index)
+
+    def finish_train_step(self, extra: Tensor | None = None) -> tuple[list[LayerReading], list[float]]:
+        """End a sampled training step: pack, sync, window, transfer once.
+
+        Args:
+            extra: a float64 device vector appended after sync (already identical on every rank,
+                e.g. parameter gradient norms) so it rides on the same host transfer.
+
+        Returns:
+            One :class:`LayerReading` per monitored layer, and the host copy of ``extra``.
+        """
+        device = self._device()
+        parts: list[Tensor] = []
+        min_idx: list[int] = []
+        max_idx: list[int] = []
+        plan: list[_LayerPlan] = []
+        offset = 0
+        for index, buf in enumerate(self.capture.buffers):
+            entry = _LayerPlan(base=offset)
+            act = buf.act if buf.act is not None else R.empty_activation_totals(device)
+            grad = buf.grad if buf.grad is not None else R.empty_gradient_totals(device)
+            min_idx.append(offset + R.A_MIN)
+            max_idx += [offset + R.A_MAX, offset + R.ACTIVATION_WIDTH + R.G_ABSMAX]
+            parts += [act.to(device), grad.to(device)]
+            offset += R.ACTIVATION_WIDTH + R.GRADIENT_WIDTH
+            for attr, hist, length in (
+                ("act_hist", buf.act_hist, self._act_hist_len(index)),
+                ("grad_hist", buf.grad_hist, self._grad_hist_len()),
+            ):
+                if length:
+                    parts.append(hist.to(device) if hist is not None else _zeros(length, device))
+                    setattr(entry, attr, (offset, length))
+                    offset += length
+            for slot in self._slots(index, buf):
+                width = self.widths[(index, slot)]
+                mask = buf.fired.get(slot)
+                parts.append(mask.to(device=device, dtype=torch.float64) if mask is not None else _zeros(width, device))
+                entry.slots.append((slot, offset, width))
+                offset += width
+            plan.append(entry)
+        packed = torch.cat(parts) if parts else _zeros(0, device)
+        synced = sync_vector(
+            packed,
+            torch.tensor(min_idx, dtype=torch.long, device=device),
+            torch.tensor(max_idx, dtype=torch.long, device=device),
+        )
+        # Windows and dead counts on the device, from the synced (global) fire masks.
+        dead_counts: list[Tensor] = []
+        distributed = world_size() > 1
+        for index, entry in enumerate(plan):
+            for slot, start, width in entry.slots:
+                win = self.windows.setdefault((index, slot), UnitWindow(self.window))
+                if distributed or self.capture.buffers[index].fired.get(slot) is not None:
+                    win.push(synced[start : start + width] > 0)
+                if win.ring is not None:
+                    dead_counts.append(win.dead().sum().to(torch.float64).reshape(1))
+                    entry.windows.append((width, win.full))
+        tail = [synced, *dead_counts]
+        if extra is not None:
+            tail.append(extra.to(device=device, dtype=torch.float64))
+        host = torch.cat(tail).tolist()  # the one device-to-host transfer of the step
+
+        readings = []
+        cursor = packed.numel()
+        for entry in plan:
+            act = host[entry.base : entry.base + R.ACTIVATION_WIDTH]
+            grad = host[entry.base + R.ACTIVATION_WIDTH : entry.base + R.ACTIVATION_WIDTH + R.GRADIENT_WIDTH]
+            dead = units = 0
+            for width, _full in entry.windows:
+                dead += int(host[cursor])
+                cursor += 1
+                units += width
+            complete = bool(entry.windows) and all(full for _w, full in entry.windows)
+            readings.append(
+                LayerReading(
+                    metrics={**R.derive_activation(act), **R.derive_gradient(grad)},
+                    act_hist=_slice(host, entry.act_hist) if act[R.A_COUNT] > 0 else None,
+                    grad_hist=_slice(host, entry.grad_hist) if grad[R.G_COUNT] > 0 else None,
+                    dead_units=dead if complete else None,
+                    units=units,
+                )
+            )
+        return readings, (host[cursor:] if extra is not None else [])
+
+    def _act_hist_len(self, index: int) -> int:
+        edges = self.capture.act_edges
+        return 0 if edges is None else edges[self.capture.layers[index].name].numel() + 2
+
+    def _grad_hist_len(self) -> int:
+        edges = self.capture.grad_edges
+        return 0 if edges is None else edges.numel() + 2
+
+    def finish_validation(self) -> list[tuple[int, int]]:
+        """End a validation pass: OR the fire masks across ranks, return (dead, units) per layer.
+
+        Exact over every example of the pass on every rank; one collective, one transfer.
+        """
+        device = self._device()
+        parts: list[Tensor] = []
+        plan: list[list[int]] = []
+        for index, buf in enumerate(self.capture.buffers):
+            widths = []
+            for slot in self._slots(index, buf):
+                width = self.widths[(index, slot)]
+                mask = buf.fired.get(slot)
+                parts.append(mask.to(device=device, dtype=torch.float64) if mask is not None else _zeros(width, device))
+                widths.append(width)
+            plan.append(widths)
+        if not parts:
+            return [(0, 0) for _ in plan]
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        synced = sync_vector(torch.cat(parts), empty, empty)
+        fired_per_layer = []
+        start = 0
+        for widths in plan:
+            total = sum(widths)
+            fired_per_layer.append((synced[start : start + total] > 0).sum().to(torch.float64).reshape(1))
+            start += total
+        host = torch.cat(fired_per_layer).tolist()
+        return [(sum(w) - int(f), sum(w)) for f, w in zip(host, plan)]
+
+    def state_dict(self) -> dict[str, object]:
+        return {
+            "windows": {f"{i}:{s}": w.state_dict() for (i, s), w in self.windows.items()},
+            "widths": {f"{i}:{s}": w for (i, s), w in self.widths.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        device = self._device()
+        for key, width in dict(state.get("widths", {})).items():  # type: ignore[call-overload]
+            i, s = (int(p) for p in key.split(":"))
+            self.widths[(i, s)] = int(width)
+        for key, wstate in dict(state.get("windows", {})).items():  # type: ignore[call-overload]
+            i, s = (int(p) for p in key.split(":"))
+            win = self.windows.setdefault((i, s), UnitWindow(self.window))
+            win.load_state_dict(wstate, device)
+
+
+def layer_param_groups(modules: Sequence[tuple[str, torch.nn.Module]]) -> list[tuple[str, list[torch.nn.Parameter]]]:
+    """The modules that own parameters directly, with those parameters (for gradient norms)."""
+    groups = []
+    for name, module in modules:
+        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if params:
+            groups.append((name, params))
+    return groups
+
+
+def param_grad_norms(groups: Sequence[tuple[str, list[torch.nn.Parameter]]], device: torch.device) -> Tensor:
+    """L2 norm of each group's parameter gradients, stacked on the device (0 where no gradient)."""
+    out = []
+    for _name, params in groups:
+        grads = [p.grad.detach().to(device) for p in params if p.grad is not None]
+        if not grads:
+            out.append(torch.zeros((), dtype=torch.float64, device=device))
+            continue
+        norms = torch._foreach_norm(grads)
+        out.append(torch.stack(norms).to(torch.float64).square().sum().sqrt())
+    if not out:
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    return torch.stack(out)

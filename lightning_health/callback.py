@@ -1,0 +1,435 @@
+"""``HealthMonitor``: the Lightning glue. The maths lives in reductions/accumulate/diagnosis.
+
+Data flow of one sampled step::
+
+    on_train_batch_start   arm the hooks (capture.py) for this optimizer step
+    forward/backward       hooks reduce activations and gradients on the device
+    on_before_optimizer_step  parameter-gradient norms (after AMP unscaling, before clipping)
+    on_train_batch_end     pack + one collective + one host copy (accumulate.py),
+                           then history, diagnosis and sinks on the host
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from typing_extensions import override
+
+from lightning_health import reductions as R
+from lightning_health._compat import CallbackBase, grad_scale_tensor, rank_zero
+from lightning_health.accumulate import Accumulator, LayerReading, layer_param_groups, param_grad_norms
+from lightning_health.capture import Capture, Mode
+from lightning_health.diagnosis import Finding, FindingLog, Thresholds, evaluate
+from lightning_health.history import History
+from lightning_health.report import HealthReport, print_report
+from lightning_health.schedule import is_sampled, validate_every_n_steps
+from lightning_health.selection import LayerSpec, MonitoredLayer, select_layers, validate_layer_spec
+from lightning_health.sinks import Histogram, SinkSet, sinks_for
+
+OnCritical = Literal["warn", "stop", "raise"]
+_ON_CRITICAL = ("warn", "stop", "raise")
+_UNSUPPORTED_STRATEGIES = re.compile(r"fsdp|deepspeed", re.IGNORECASE)
+
+
+class HealthCriticalError(RuntimeError):
+    """Raised by ``HealthMonitor(on_critical="raise")`` when a finding turns critical."""
+
+
+def _positive_int(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Expected `{name}` to be an int >= {minimum}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"Expected `{name}` to be an int >= {minimum}, got {value}")
+    return value
+
+
+class HealthMonitor(CallbackBase):
+    """Reads every monitored layer's activations and gradients every ``every_n_steps`` optimizer steps.
+
+    Args:
+        every_n_steps: sampling cadence in optimizer steps (``trainer.global_step``); steps
+            ``0, N, 2N, ...`` are read. Steps in between cost no tensor work and no host sync.
+        layers: which modules to read. ``None`` selects activation modules (falling back to
+            Linear/Conv outputs); or a module type/tuple of types, a regex over qualified names,
+            a list of names, or a predicate ``(name, module) -> bool``.
+        thresholds: when readings become findings (see :class:`~lightning_health.Thresholds`).
+        dead_window: how many sampled batches a unit must stay silent in to count as dead.
+        histogram_bins: bins of the activation and gradient histograms (even).
+        histogram_samples: each histogram is built from a fixed-size strided sample of this many
+            values per tensor; every scalar reading stays exact.
+        log_histograms: write histograms to loggers that take them (TensorBoard).
+        on_critical: when a finding turns critical: ``"warn"`` (print and warn, keep training),
+            ``"stop"`` (ask the Trainer to stop gracefully) or ``"raise"``
+            (:class:`HealthCriticalError`).
+        neuron_dim: override the unit axis (an int for every layer, or ``{layer: dim}``).
+        saturation_margin: outputs within this fraction of the output range from a bound count
+            as saturated.
+        max_points: points kept per curve before the older half is thinned (bounded memory).
+        verbose: print the watched layers at start, critical findings as they appear, and the
+            per-layer chart at the end of fit (rank zero only).
+
+    Raises:
+        TypeError, ValueError: for bad arguments, naming the argument.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> monitor = HealthMonitor(every_n_steps=50)
+        >>> trainer = Trainer(callbacks=[monitor], logger=False, enable_progress_bar=False)
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        *,
+        layers: LayerSpec = None,
+        thresholds: Thresholds | None = None,
+        dead_window: int = 4,
+        histogram_bins: int = 64,
+        histogram_samples: int = 8192,
+        log_histograms: bool = True,
+        on_critical: OnCritical = "warn",
+        neuron_dim: int | dict[str, int] | None = None,
+        saturation_margin: float = 0.01,
+        max_points: int = 4096,
+        verbose: bool = True,
+    ) -> None:
+        self.every_n_steps = validate_every_n_steps(every_n_steps)
+        validate_layer_spec(layers)
+        self.layers = layers
+        if thresholds is not None and not isinstance(thresholds, Thresholds):
+            raise TypeError(f"Expected `thresholds` to be a lightning_health.Thresholds, got {thresholds!r}")
+        self.thresholds = thresholds or Thresholds()
+        self.dead_window = _positive_int("dead_window", dead_window)
+        self.histogram_bins = _positive_int("histogram_bins", histogram_bins, minimum=2)
+        if histogram_bins % 2:
+            raise ValueError(f"Expected `histogram_bins` to be an even int, got {histogram_bins}")
+        self.histogram_samples = _positive_int("histogram_samples", histogram_samples, minimum=16)
+        self.log_histograms = bool(log_histograms)
+        if on_critical not in _ON_CRITICAL:
+            raise ValueError(f"Expected `on_critical` to be one of {_ON_CRITICAL}, got {on_critical!r}")
+        self.on_critical = on_critical
+        if (neuron_dim is not None and not isinstance(neuron_dim, (int, dict))) or isinstance(neuron_dim, bool):
+            raise TypeError(
+                f"Expected `neuron_dim` to be None, an int or a dict of layer name to int, got {neuron_dim!r}"
+            )
+        self.neuron_dim = neuron_dim
+        if (
+            isinstance(saturation_margin, bool)
+            or not isinstance(saturation_margin, (int, float))
+            or not (0 < saturation_margin < 0.5)
+        ):
+            raise ValueError(f"Expected `saturation_margin` to be a fraction in (0, 0.5), got {saturation_margin!r}")
+        self.saturation_margin = float(saturation_margin)
+        self.verbose = bool(verbose)
+        self._history = History(_positive_int("max_points", max_points, minimum=16))
+        self._findings = FindingLog()
+        self._last_units: dict[str, tuple[int | None, int]] = {}
+        self._pending_state: dict[str, Any] | None = None
+        self._reset_runtime()
+
+    # -- runtime state (rebuilt in setup; never pickled with the callback) ----------------------------
+    def _reset_runtime(self) -> None:
+        self._capture: Capture | None = None
+        self._accumulator: Accumulator | None = None
+        self._sinks = SinkSet([])
+        self._param_groups: list[tuple[str, list[torch.nn.Parameter]]] = []
+        self._param_norms: torch.Tensor | None = None
+        self._armed_step: int | None = None
+        self._rectifiers: set[str] = set()
+        self._host_edges: dict[str, tuple[float, ...]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for key in ("_capture", "_accumulator", "_sinks", "_param_groups", "_param_norms", "_host_edges"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_runtime()
+        self._armed_step = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, layers=repr(self.layers))
+
+    # -- public API ------------------------------------------------------------------------------
+    @property
+    def monitored_layers(self) -> list[str]:
+        """Qualified names of the modules being read (empty before fit starts)."""
+        return [layer.name for layer in self._capture.layers] if self._capture else []
+
+    def curves(self, metric: str) -> dict[str, list[tuple[int, float]]]:
+        """Every reading of ``metric`` per layer over the whole run, as ``(global_step, value)``."""
+        return self._history.curves(metric)
+
+    def diagnose(self) -> list[Finding]:
+        """Every problem of the run in order of onset, each with its latest state and a hint."""
+        return self._findings.findings()
+
+    def report(self, title: str = "HealthMonitor") -> HealthReport:
+        """The per-layer chart and findings as data (see :mod:`lightning_health.report`)."""
+        names = self.monitored_layers or sorted({layer for m in self._history.metrics() for layer in self.curves(m)})
+        latest = {name: self._history.latest(name) for name in names}
+        steps = [pts[-1][0] for m in self._history.metrics() for pts in self.curves(m).values() if pts]
+        return HealthReport.from_latest(title, max(steps, default=0), latest, self.diagnose(), self._last_units)
+
+    # -- set-up and tear-down ------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        strategy = type(getattr(trainer, "strategy", None)).__name__
+        if _UNSUPPORTED_STRATEGIES.search(strategy):
+            warnings.warn(
+                f"HealthMonitor does not support {strategy} yet (sharded parameters and activations would give "
+                "per-shard readings); it stays idle for this run. See docs/distributed.md.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        if self._capture is not None:
+            return
+        chosen = select_layers(pl_module, self.layers, self.neuron_dim)
+        if not chosen:
+            warnings.warn(
+                f"HealthMonitor found no layer to monitor with layers={self.layers!r}; it stays idle.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        act_edges = self._activation_edges(chosen) if self.log_histograms else None
+        grad_edges = R.symlog_edges(self.histogram_bins, 1e-9, 1e3) if self.log_histograms else None
+        # Host copies of the fixed edges, made once (edges are built on the CPU: no device transfer).
+        self._host_edges = {f"act:{name}": tuple(e.tolist()) for name, e in (act_edges or {}).items()}
+        if grad_edges is not None:
+            self._host_edges["grad"] = tuple(grad_edges.tolist())
+        self._capture = Capture(
+            chosen,
+            act_edges=act_edges,
+            grad_edges=grad_edges,
+            histogram_samples=self.histogram_samples,
+            saturation_margin=self.saturation_margin,
+        )
+        self._accumulator = Accumulator(self._capture, self.dead_window)
+        self._findings = (
+            FindingLog([layer.name for layer in chosen]) if not self._findings.findings() else self._findings
+        )
+        self._rectifiers = {layer.name for layer in chosen if layer.profile.rectifier}
+        self._param_groups = layer_param_groups([(n, m) for n, m in pl_module.named_modules() if n])
+        if rank_zero(trainer):
+            self._sinks = SinkSet(sinks_for(getattr(trainer, "loggers", [])))
+        self._capture.attach()
+        if self._pending_state is not None:
+            self._accumulator.load_state_dict(self._pending_state.get("accumulator", {}))
+            self._pending_state = None
+        if self.verbose and rank_zero(trainer):
+            names = ", ".join(layer.name for layer in chosen[:8]) + (" ..." if len(chosen) > 8 else "")
+            print(f"HealthMonitor: reading {len(chosen)} layers every {self.every_n_steps} steps ({names})", flush=True)
+
+    def _activation_edges(self, chosen: list[MonitoredLayer]) -> dict[str, torch.Tensor]:
+        edges = {}
+        for layer in chosen:
+            bounds = layer.profile.bounds
+            if bounds is not None:
+                edges[layer.name] = R.linear_edges(self.histogram_bins, *bounds)
+            else:
+                edges[layer.name] = R.symlog_edges(self.histogram_bins, 1e-4, 1e4)
+        return edges
+
+    def _stop_capture(self) -> None:
+        if self._capture is not None:
+            self._capture.detach()
+            self._capture.reset()
+        self._armed_step = None
+
+    @override
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._stop_capture()
+        if self._accumulator is not None:  # keep the windows for a checkpoint saved after fit
+            self._pending_state = {"accumulator": self._accumulator.state_dict()}
+        self._capture = None
+        self._accumulator = None
+        self._sinks = SinkSet([])
+        self._param_groups = []
+        self._param_norms = None
+
+    @override
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._stop_capture()
+
+    # -- training --------------------------------------------------------------------------------------
+    @override
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        capture = self._capture
+        if capture is None:
+            return
+        if self._armed_step is None and is_sampled(trainer.global_step, self.every_n_steps):
+            self._armed_step = trainer.global_step
+            capture.reset()
+            capture.grad_scale = grad_scale_tensor(trainer)
+            capture.mode = Mode.TRAIN
+        if self._armed_step is not None:
+            capture.new_batch()
+
+    @override
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if self._armed_step is None or self._capture is None or not self._param_groups:
+            return
+        device = self._param_groups[0][1][0].device
+        self._param_norms = param_grad_norms(self._param_groups, device)
+
+    @override
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._armed_step is not None and trainer.global_step > self._armed_step:
+            self._finish_train_step(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._armed_step is not None:  # e.g. manual optimization that did not step
+            self._finish_train_step(trainer)
+
+    def _finish_train_step(self, trainer: Any) -> None:
+        capture, accumulator, step = self._capture, self._accumulator, self._armed_step
+        assert capture is not None and accumulator is not None and step is not None
+        capture.mode = Mode.OFF
+        self._armed_step = None
+        try:
+            readings, norms = accumulator.finish_train_step(self._param_norms)
+        finally:
+            capture.reset()
+            self._param_norms = None
+        scalars, histograms, snapshot = self._tabulate(step, readings, capture)
+        for (name, _params), value in zip(self._param_groups, norms):
+            scalars[f"health/param_grad_norm/{name}"] = value
+            self._history.add(step, "param_grad_norm", name, value)
+        self._sinks.write(step, scalars, histograms)
+        order = [capture.layers[i].name for i in capture.forward_order]
+        with_grad = [name for name in order if "grad_std" in snapshot.get(name, {})]
+        found, checked = evaluate(
+            step,
+            snapshot,
+            self.thresholds,
+            rectifiers=self._rectifiers,
+            output_layer=with_grad[-1] if with_grad else None,
+            window=self.dead_window,
+        )
+        self._react(trainer, self._findings.record(found, checked, step), step)
+
+    def _tabulate(
+        self, step: int, readings: list[LayerReading], capture: Capture
+    ) -> tuple[dict[str, float], dict[str, Histogram], dict[str, dict[str, float]]]:
+        """Readings -> logged scalars, histograms, and the snapshot the diagnosis reads."""
+        scalars: dict[str, float] = {}
+        histograms: dict[str, Histogram] = {}
+        snapshot: dict[str, dict[str, float]] = {}
+        for layer, reading in zip(capture.layers, readings):
+            metrics = dict(reading.metrics)
+            if reading.dead_units is not None and reading.units:
+                metrics["dead_fraction"] = reading.dead_units / reading.units
+                self._last_units[layer.name] = (reading.dead_units, reading.units)
+            if not metrics:
+                continue
+            for metric, value in metrics.items():
+                scalars[f"health/{metric}/{layer.name}"] = value
+                self._history.add(step, metric, layer.name, value)
+            snapshot[layer.name] = dict(metrics)
+            if reading.dead_units is not None:
+                snapshot[layer.name].update(dead_units=reading.dead_units, units=reading.units)
+            if reading.act_hist is not None:
+                edges = self._host_edges[f"act:{layer.name}"]
+                histograms[f"health/activations/{layer.name}"] = Histogram(edges, tuple(reading.act_hist))
+            if reading.grad_hist is not None:
+                histograms[f"health/gradients/{layer.name}"] = Histogram(
+                    self._host_edges["grad"], tuple(reading.grad_hist)
+                )
+        return scalars, histograms, snapshot
+
+    # -- validation ----------------------------------------------------------------------------------
+    @override
+    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._capture is None or getattr(trainer, "sanity_checking", False):
+            return
+        self._capture.reset()
+        self._capture.mode = Mode.VAL
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._capture is not None and self._capture.mode is Mode.VAL:
+            self._capture.new_batch()
+
+    @override
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        capture, accumulator = self._capture, self._accumulator
+        if capture is None or accumulator is None or capture.mode is not Mode.VAL:
+            return
+        capture.mode = Mode.OFF
+        try:
+            results = accumulator.finish_validation()
+        finally:
+            capture.reset()
+        step = trainer.global_step
+        scalars: dict[str, float] = {}
+        snapshot: dict[str, dict[str, float]] = {}
+        for layer, (dead, units) in zip(capture.layers, results):
+            if not units:
+                continue
+            value = dead / units
+            scalars[f"health/val_dead_fraction/{layer.name}"] = value
+            self._history.add(step, "val_dead_fraction", layer.name, value)
+            snapshot[layer.name] = {"val_dead_fraction": value, "dead_units": dead, "units": units}
+        self._sinks.write(step, scalars, {})
+        found, checked = evaluate(step, snapshot, self.thresholds, rectifiers=self._rectifiers)
+        self._react(trainer, self._findings.record(found, checked, step), step)
+
+    # -- reacting and reporting ------------------------------------------------------------------------
+    def _react(self, trainer: Any, escalated: list[Finding], step: int) -> None:
+        critical = [f for f in escalated if f.severity == "critical"]
+        if not critical:
+            return
+        lines = "\n".join(f"  {f}\n    hint: {f.hint}" for f in critical)
+        if rank_zero(trainer) and self.verbose:
+            print(f"HealthMonitor: critical finding(s) at step {step}:\n{lines}", flush=True)
+        if self.on_critical == "raise":
+            raise HealthCriticalError(f"critical health finding(s) at step {step}:\n{lines}")
+        if self.on_critical == "stop":
+            trainer.should_stop = True
+            if rank_zero(trainer):
+                print(f"HealthMonitor: stopping the run at step {step} (on_critical='stop').", flush=True)
+        elif rank_zero(trainer):
+            warnings.warn(f"critical health finding(s) at step {step}:\n{lines}", RuntimeWarning, stacklevel=2)
+
+    @override
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.verbose and rank_zero(trainer) and self._history.metrics():
+            print_report(self.report())
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": self._history.state_dict(),
+            "findings": self._findings.state_dict(),
+            "last_units": {k: list(v) for k, v in self._last_units.items()},
+            "accumulator": (
+                self._accumulator.state_dict()
+                if self._accumulator is not None
+                else (self._pending_state or {}).get("accumulator", {})
+            ),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self._history.load_state_dict(state_dict.get("history", {}))
+        self._findings.load_state_dict(state_dict.get("findings", []))
+        self._last_units = {k: (v[0], v[1]) for k, v in state_dict.get("last_units", {}).items()}
+        accumulator_state = state_dict.get("accumulator", {})
+        if self._accumulator is not None:
+            self._accumulator.load_state_dict(accumulator_state)
+        else:
+            self._pending_state = {"accumulator": accumulator_state}

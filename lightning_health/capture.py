@@ -1,0 +1,213 @@
+"""Forward hooks on the monitored modules, and tensor hooks for their gradients.
+
+Hooks are registered once when fit starts and removed at teardown (and on exceptions). Between
+sampled steps they are gated off by one attribute check, which costs no tensor work and no host
+sync; they are not added and removed per step because hooks added after a ``torch.compile``d
+model's first call are never seen by the compiled graph.
+
+On a sampled training step each forward hook reduces the module's output on its device (see
+:mod:`lightning_health.reductions`) and registers a tensor hook on that output, which reduces the
+gradient of the loss with respect to it during backward (capturing gradients this way, instead of
+with module backward hooks, is safe with inplace activations). No activation is kept beyond its
+reduction: only fixed-size totals, per-unit fire masks and sample histograms stay on the device.
+
+During validation the hooks only OR-accumulate per-unit fire masks, which is exactly what the
+validation dead fraction needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+from lightning_health import reductions as R
+from lightning_health.selection import MonitoredLayer
+
+
+class Mode(enum.Enum):
+    """What the hooks do right now."""
+
+    OFF = "off"
+    TRAIN = "train"
+    VAL = "val"
+
+
+@dataclasses.dataclass
+class StepBuffers:
+    """What one layer gathered during the current sampled step (all on the layer's device)."""
+
+    act: Tensor | None = None
+    grad: Tensor | None = None
+    act_hist: Tensor | None = None
+    grad_hist: Tensor | None = None
+    fired: dict[int, Tensor] = dataclasses.field(default_factory=dict)  # call slot -> bool[units]
+    calls: int = 0  # forward calls in the current micro-batch (the slot of the next call)
+
+    def clear(self) -> None:
+        self.act = self.grad = self.act_hist = self.grad_hist = None
+        self.fired = {}
+        self.calls = 0
+
+
+def first_tensor(output: Any) -> Tensor | None:
+    """The first floating-point tensor in a module output (tensor, tuple, list, dict, or model output)."""
+    if isinstance(output, Tensor):
+        return output if output.is_floating_point() else None
+    if isinstance(output, Mapping):
+        items: Sequence[Any] = list(output.values())
+    elif isinstance(output, (tuple, list)):
+        items = output
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+        items = [getattr(output, f.name) for f in dataclasses.fields(output)]
+    else:
+        return None
+    for item in items:
+        found = first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. activation checkpointing recomputes a forward)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class Capture:
+    """Owns the hooks on the monitored modules and the per-step device buffers they fill.
+
+    Args:
+        layers: the modules to read, from :func:`lightning_health.selection.select_layers`.
+        act_edges: histogram edges per layer name for activations (``None``: no histograms).
+        grad_edges: histogram edges for activation gradients (shared by all layers).
+        histogram_samples: the strided sample size each histogram is built from.
+        saturation_margin: see :func:`lightning_health.reductions.activation_totals`.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[MonitoredLayer],
+        act_edges: Mapping[str, Tensor] | None,
+        grad_edges: Tensor | None,
+        histogram_samples: int,
+        saturation_margin: float,
+    ) -> None:
+        self.layers = list(layers)
+        self.buffers = [StepBuffers() for _ in self.layers]
+        self.mode = Mode.OFF
+        self.grad_scale: Tensor | None = None  # AMP loss scale to divide activation gradients by
+        self.forward_order: list[int] = []  # layer indices in the order of their first call
+        self.act_edges = dict(act_edges) if act_edges is not None else None
+        self.grad_edges = grad_edges
+        self._samples = histogram_samples
+        self._margin = saturation_margin
+        self._handles: list[RemovableHandle] = []
+        self._broken: set[int] = set()
+
+    # -- lifetime -------------------------------------------------------------------------------
+    def attach(self) -> None:
+        """Register one forward hook per monitored module (idempotent)."""
+        if self._handles:
+            return
+        for index, layer in enumerate(self.layers):
+            self._handles.append(layer.module.register_forward_hook(self._make_hook(index)))
+
+    def detach(self) -> None:
+        """Remove every hook; safe to call any number of times."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.mode = Mode.OFF
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def reset(self) -> None:
+        """Forget everything gathered (start of a sampled step or of a validation pass)."""
+        for buf in self.buffers:
+            buf.clear()
+
+    def new_batch(self) -> None:
+        """Restart call-slot numbering: the k-th call of a module in each batch shares slot k."""
+        for buf in self.buffers:
+            buf.calls = 0
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def _make_hook(self, index: int) -> Any:
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            if self.mode is Mode.OFF or index in self._broken:
+                return
+            try:
+                self._on_forward(index, output)
+            except Exception as err:  # a fault in a user's model must never crash the run
+                self._broken.add(index)
+                warnings.warn(
+                    f"lightning_health stopped reading layer `{self.layers[index].name}` after an error in its "
+                    f"hook ({type(err).__name__}: {err}); training continues.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+
+        return hook
+
+    def _on_forward(self, index: int, output: Any) -> None:
+        y = first_tensor(output)
+        if y is None:
+            return
+        layer, buf = self.layers[index], self.buffers[index]
+        slot = buf.calls
+        buf.calls += 1
+        dim = layer.neuron_dim if y.dim() >= 3 else -1
+        recomputing = _in_backward()  # activation checkpointing: this forward was already read
+        if self.mode is Mode.TRAIN and y.requires_grad and torch.is_grad_enabled():
+            y.register_hook(self._make_grad_hook(index))
+        if recomputing:
+            return
+        fired = R.unit_fire_mask(y, dim)
+        prev = buf.fired.get(slot)
+        buf.fired[slot] = fired if prev is None or prev.shape != fired.shape else prev | fired
+        if self.mode is Mode.VAL:
+            return
+        if index not in self.forward_order:
+            self.forward_order.append(index)
+        totals = R.activation_totals(y, layer.profile.bounds, self._margin)
+        buf.act = totals if buf.act is None else R.combine_activation_totals(buf.act, totals)
+        if self.act_edges is not None:
+            hist = R.histogram_counts(R.histogram_sample(y, self._samples), self.act_edges[layer.name])
+            buf.act_hist = hist if buf.act_hist is None else buf.act_hist + hist
+
+    def _make_grad_hook(self, index: int) -> Any:
+        def grad_hook(grad: Tensor) -> None:
+            if index in self._broken:
+                return
+            try:
+                self._on_grad(index, grad)
+            except Exception as err:
+                self._broken.add(index)
+                warnings.warn(
+                    f"lightning_health stopped reading gradients of `{self.layers[index].name}` after an error "
+                    f"({type(err).__name__}: {err}); training continues.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+
+        return grad_hook
+
+    def _on_grad(self, index: int, grad: Tensor) -> None:
+        buf = self.buffers[index]
+        g = grad.detach()
+        if self.grad_scale is not None:
+            g = g.float() / self.grad_scale.to(g.device)
+        totals = R.gradient_totals(g)
+        buf.grad = totals if buf.grad is None else R.combine_gradient_totals(buf.grad, totals)
+        if self.grad_edges is not None:
+            hist = R.histogram_counts(R.histogram_sample(g, self._samples), self.grad_edges)
+            buf.grad_hist = hist if buf.grad_hist is None else buf.grad_hist + hist

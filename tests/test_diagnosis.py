@@ -1,0 +1,95 @@
+"""The rules, their thresholds, and the order in which problems are reported."""
+
+from __future__ import annotations
+
+import pytest
+
+from lightning_health import Finding, Thresholds, diagnose_curves
+from lightning_health.diagnosis import FindingLog, evaluate
+
+
+def _kinds(findings):
+    return {(f.layer, f.kind, f.severity) for f in findings}
+
+
+def test_default_thresholds():
+    t = Thresholds()
+    assert (t.dead_warning, t.dead_critical, t.saturation) == (0.2, 0.5, 0.3)
+    assert (t.vanishing_grad_std, t.exploding_grad_std, t.collapse_std) == (1e-4, 10.0, 1e-3)
+
+
+def test_each_rule_fires_at_its_threshold():
+    readings = {
+        "a": {"dead_fraction": 0.25, "act_std": 1.0, "grad_std": 1e-2, "saturation": 0.0, "nonfinite": 0},
+        "b": {"dead_fraction": 0.6, "act_std": 1e-4, "grad_std": 20.0, "saturation": 0.5, "nonfinite": 3},
+        "out": {"act_std": 1.0, "grad_std": 1e-2},
+    }
+    found, _ = evaluate(7, readings, Thresholds(), output_layer="out")
+    assert _kinds(found) == {
+        ("a", "dead", "warning"),
+        ("b", "dead", "critical"),
+        ("b", "collapsed", "warning"),
+        ("b", "exploding_gradient", "critical"),
+        ("b", "saturated", "warning"),
+        ("b", "nonfinite", "critical"),
+    }
+    assert all(f.step == 7 and f.hint for f in found)
+
+
+def test_vanishing_is_relative_so_a_converged_network_is_healthy():
+    # Converged: every gradient tiny, but all of the same size => healthy.
+    converged = {"h1": {"grad_std": 3e-6}, "h2": {"grad_std": 2e-6}, "out": {"grad_std": 4e-6}}
+    found, _ = evaluate(0, converged, Thresholds(), output_layer="out")
+    assert found == []
+    # Vanishing: the early layer gets 1/1000 of what reaches the output side.
+    vanishing = {"h1": {"grad_std": 1e-6}, "out": {"grad_std": 1e-3}}
+    found, _ = evaluate(0, vanishing, Thresholds(), output_layer="out")
+    assert _kinds(found) == {("h1", "vanishing_gradient", "warning")}
+
+
+def test_dead_rule_only_for_rectifiers():
+    found, _ = evaluate(0, {"tanh": {"dead_fraction": 0.9}}, Thresholds(), rectifiers={"relu"})
+    assert found == []
+
+
+def test_nan_readings_neither_raise_nor_clear_rules():
+    log = FindingLog(["a"])
+    found, checked = evaluate(1, {"a": {"grad_std": 50.0}}, Thresholds())
+    log.record(found, checked, 1)
+    found, checked = evaluate(2, {"a": {"grad_std": float("nan"), "grad_nonfinite": 4}}, Thresholds())
+    log.record(found, checked, 2)
+    kinds = {(f.kind, f.active) for f in log.findings()}
+    assert kinds == {("exploding_gradient", True), ("nonfinite", True)}
+
+
+def test_onsets_are_kept_in_the_order_problems_appeared():
+    curves = {
+        "dead_fraction": {"net.3": [(2, 0.0), (4, 0.7), (5, 0.7)]},
+        "nonfinite": {"net.3": [(2, 0), (4, 0), (5, 12)]},
+        "act_std": {"net.3": [(2, 1.0), (4, 1.0), (5, 1.0)]},
+    }
+    findings = diagnose_curves(curves)
+    assert [(f.kind, f.step) for f in findings] == [("dead", 4), ("nonfinite", 5)]
+    assert isinstance(findings[0], Finding) and findings[0].severity == "critical"
+
+
+def test_resolved_findings_stay_in_the_record():
+    curves = {"dead_fraction": {"l": [(0, 0.3), (10, 0.0)]}}
+    (f,) = diagnose_curves(curves)
+    assert f.kind == "dead" and f.step == 0 and not f.active
+    assert "cleared" in str(f)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"dead_warning": 1.5}, "dead_warning"),
+        ({"saturation": -0.1}, "saturation"),
+        ({"exploding_grad_std": 0}, "exploding_grad_std"),
+        ({"dead_warning": 0.6, "dead_critical": 0.5}, "dead_critical"),
+        ({"collapse_std": "small"}, "collapse_std"),
+    ],
+)
+def test_bad_thresholds_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Thresholds(**kwargs)

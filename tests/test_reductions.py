@@ -1,0 +1,152 @@
+"""Every reduction against a NumPy reference, including half precision and NaN/Inf."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_health import reductions as R
+
+
+def _np_ref(x: np.ndarray) -> dict[str, float]:
+    return {
+        "count": x.size,
+        "sum": float(np.sum(x, dtype=np.float64)),
+        "sumsq": float(np.sum(x.astype(np.float64) ** 2)),
+        "min": float(np.min(x)),
+        "max": float(np.max(x)),
+        "zeros": float(np.sum(x == 0)),
+        "nonfinite": float(np.sum(~np.isfinite(x))),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_activation_totals_match_numpy(dtype):
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(64, 33, generator=g).relu().to(dtype)
+    ref = _np_ref(y.float().numpy())
+    t = R.activation_totals(y).tolist()
+    assert t[R.A_COUNT] == ref["count"]
+    assert t[R.A_SUM] == pytest.approx(ref["sum"], rel=1e-6)
+    assert t[R.A_SUMSQ] == pytest.approx(ref["sumsq"], rel=1e-6)
+    assert t[R.A_MIN] == ref["min"] and t[R.A_MAX] == ref["max"]
+    assert t[R.A_ZEROS] == ref["zeros"]
+    assert t[R.A_NONFINITE] == 0
+
+
+def test_sum_of_squares_of_large_half_values_is_finite():
+    # 60000^2 overflows fp16 and bf16 maxima are ~3e38: squares must accumulate in float64.
+    y = torch.full((1000,), 60000.0, dtype=torch.float16)
+    t = R.activation_totals(y)
+    assert math.isfinite(t[R.A_SUMSQ].item())
+    assert t[R.A_SUMSQ].item() == pytest.approx(1000 * 60000.0**2)
+    big = torch.full((10,), 1e30, dtype=torch.bfloat16)
+    assert math.isfinite(R.gradient_totals(big)[R.G_SUMSQ].item())
+
+
+def test_nonfinite_are_counted_and_moments_read_nan():
+    y = torch.tensor([1.0, float("nan"), float("inf"), -float("inf"), 0.0])
+    t = R.activation_totals(y).tolist()
+    assert t[R.A_NONFINITE] == 3
+    assert t[R.A_ZEROS] == 1
+    derived = R.derive_activation(t)
+    assert math.isnan(derived["act_mean"])
+    g = R.gradient_totals(y).tolist()
+    assert g[R.G_NONFINITE] == 3
+
+
+def test_saturation_counts_outputs_near_bounds():
+    y = torch.tensor([-1.0, -0.995, -0.5, 0.0, 0.97, 0.985, 1.0])
+    # margin 1% of the range 2 => within 0.02 of -1 or +1
+    t = R.activation_totals(y, bounds=(-1.0, 1.0), margin=0.01).tolist()
+    ref = float(np.sum((y.numpy() <= -0.98) | (y.numpy() >= 0.98)))
+    assert t[R.A_SATURATED] == ref == 4
+    assert R.activation_totals(y, bounds=None).tolist()[R.A_SATURATED] == 0
+
+
+def test_derived_moments_match_numpy():
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(1000, generator=g) * 3 + 2
+    d = R.derive_activation(R.activation_totals(y).tolist())
+    x = y.numpy().astype(np.float64)
+    assert d["act_mean"] == pytest.approx(x.mean(), rel=1e-9)
+    assert d["act_std"] == pytest.approx(x.std(ddof=1), rel=1e-9)
+    assert d["zero_fraction"] == 0
+    gd = R.derive_gradient(R.gradient_totals(y).tolist())
+    assert gd["grad_std"] == pytest.approx(x.std(ddof=1), rel=1e-9)
+    assert gd["grad_max"] == pytest.approx(np.abs(x).max())
+    assert gd["grad_norm"] == pytest.approx(np.linalg.norm(x), rel=1e-9)
+
+
+def test_combining_totals_equals_totals_of_the_union():
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(50, generator=g), torch.randn(70, generator=g) * 5
+    both = R.activation_totals(torch.cat([a, b]))
+    combined = R.combine_activation_totals(R.activation_totals(a), R.activation_totals(b))
+    torch.testing.assert_close(combined, both)
+    gb = R.gradient_totals(torch.cat([a, b]))
+    torch.testing.assert_close(R.combine_gradient_totals(R.gradient_totals(a), R.gradient_totals(b)), gb)
+    empty = R.empty_activation_totals()
+    torch.testing.assert_close(R.combine_activation_totals(empty, both), both)
+
+
+def test_empty_tensors_give_identity_totals():
+    assert R.activation_totals(torch.zeros(0, 5))[R.A_COUNT].item() == 0
+    assert R.derive_activation(R.activation_totals(torch.zeros(0)).tolist()) == {}
+    assert R.unit_fire_mask(torch.zeros(0, 5), -1).tolist() == [False] * 5
+
+
+@pytest.mark.parametrize("shape,dim", [((6, 5), -1), ((4, 3, 5), -1), ((4, 3, 7, 7), 1)])
+def test_fire_mask_matches_numpy(shape, dim):
+    g = torch.Generator().manual_seed(3)
+    y = (torch.randn(*shape, generator=g) - 1.5).relu()
+    x = y.numpy()
+    axis = dim % x.ndim
+    other = tuple(d for d in range(x.ndim) if d != axis)
+    ref = (x > 0).any(axis=other)
+    assert R.unit_fire_mask(y, dim).numpy().tolist() == ref.tolist()
+
+
+def test_fire_mask_bf16_and_nan_units():
+    y = torch.tensor([[0.0, 0.5, float("nan")], [0.0, 0.0, 1.0]], dtype=torch.bfloat16)
+    assert R.unit_fire_mask(y, -1).tolist() == [False, True, True]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_histogram_counts_equal_numpy_exactly(dtype):
+    g = torch.Generator().manual_seed(4)
+    values = (torch.randn(5000, generator=g) * 3).to(dtype)
+    values[::97] = float("nan")
+    values[::101] = float("inf")
+    edges = R.symlog_edges(32, 1e-3, 5.0)
+    sample = R.histogram_sample(values, 1024)
+    counts = R.histogram_counts(sample, edges).tolist()
+    s = sample.numpy()
+    e = edges.numpy()
+    finite = s[np.isfinite(s)]
+    inside, _ = np.histogram(finite, bins=e)
+    assert counts[1:-2] == inside.tolist()
+    assert counts[0] == np.sum(finite < e[0])
+    assert counts[-2] == np.sum(finite > e[-1])
+    assert counts[-1] == np.sum(~np.isfinite(s))
+    assert sum(counts) == s.size
+
+
+def test_histogram_sample_is_fixed_size_and_strided():
+    x = torch.arange(10_000, dtype=torch.float32)
+    s = R.histogram_sample(x, 1000)
+    assert s.numel() == 1000
+    assert s[:3].tolist() == [0.0, 10.0, 20.0]
+    assert R.histogram_sample(x[:10], 1000).numel() == 10
+
+
+def test_symlog_edges_are_fixed_and_symmetric():
+    e = R.symlog_edges(8, 1e-2, 1e2)
+    assert e.numel() == 9
+    assert torch.all(e[1:] > e[:-1])
+    torch.testing.assert_close(e, -e.flip(0))
+    with pytest.raises(ValueError, match="histogram_bins"):
+        R.symlog_edges(7, 1e-2, 1.0)
