@@ -26,6 +26,8 @@ from lightning_health.capture import Capture, Mode
 from lightning_health.diagnosis import Finding, FindingLog, Thresholds, evaluate
 from lightning_health.history import History
 from lightning_health.report import HealthReport, print_report
+from lightning_health.rescue_policy import RescueEvent, RescueMode
+from lightning_health.rescue_runner import RescueInit, Rescuer, RescueSettings, warn_refused
 from lightning_health.schedule import is_sampled, validate_every_n_steps
 from lightning_health.selection import LayerSpec, MonitoredLayer, select_layers, validate_layer_spec
 from lightning_health.sinks import Histogram, SinkSet, sinks_for
@@ -71,6 +73,19 @@ class HealthMonitor(CallbackBase):
         max_points: points kept per curve before the older half is thinned (bounded memory).
         verbose: print the watched layers at start, critical findings as they appear, and the
             per-layer chart at the end of fit (rank zero only).
+        dormant_threshold: tau of the ``dormant_fraction`` reading (Sokar et al., 2023): a unit is
+            dormant when its mean ``|activation|`` over the window is <= tau times the layer's
+            average. ``0.025`` (default) also catches nearly silent units of any activation;
+            ``0.0`` flags only exactly silent ones (the same as dead, for ReLU); ``None`` turns the
+            reading off. See docs/rescue.md.
+        rescue: ``None`` (default: only watch), ``"reinit"`` (recycle dead and dormant units:
+            fresh incoming weights, zero outgoing weights, their optimizer state reset) or
+            ``"leaky"`` (swap a ReLU with dead units for a LeakyReLU). Every event is logged as
+            ``health/rescued_units/<layer>`` and listed by :meth:`rescues`.
+        rescue_every: rescue on every ``rescue_every``-th sampled step, for layers whose window is full.
+        rescue_init: ``"auto"`` (He for rectifiers, Glorot for tanh/sigmoid), ``"kaiming"`` or ``"xavier"``.
+        leaky_slope: the LeakyReLU negative slope for ``rescue="leaky"``.
+        rescue_seed: seeds the recycled weights (``rescue_seed + step``), identical on every rank.
 
     Raises:
         TypeError, ValueError: for bad arguments, naming the argument.
@@ -96,6 +111,12 @@ class HealthMonitor(CallbackBase):
         saturation_margin: float = 0.01,
         max_points: int = 4096,
         verbose: bool = True,
+        dormant_threshold: float | None = 0.025,
+        rescue: RescueMode | None = None,
+        rescue_every: int = 10,
+        rescue_init: RescueInit = "auto",
+        leaky_slope: float = 0.01,
+        rescue_seed: int = 0,
     ) -> None:
         self.every_n_steps = validate_every_n_steps(every_n_steps)
         validate_layer_spec(layers)
@@ -129,6 +150,11 @@ class HealthMonitor(CallbackBase):
         self._findings = FindingLog()
         self._last_units: dict[str, tuple[int | None, int]] = {}
         self._pending_state: dict[str, Any] | None = None
+        self.rescue_settings = RescueSettings(
+            rescue, rescue_every, dormant_threshold, rescue_init, leaky_slope, rescue_seed
+        )
+        self._rescuer = Rescuer(self.rescue_settings)
+        self._last_fired_host: dict[str, list[int]] = {}
         self._reset_runtime()
 
     # -- runtime state (rebuilt in setup; never pickled with the callback) ----------------------------
@@ -172,6 +198,24 @@ class HealthMonitor(CallbackBase):
         """Every problem of the run in order of onset, each with its latest state and a hint."""
         return self._findings.findings()
 
+    def rescues(self) -> list[RescueEvent]:
+        """Every rescue applied so far (``rescue="reinit"``/``"leaky"``), oldest first."""
+        return list(self._rescuer.events)
+
+    def last_fired(self, layer: str) -> list[int]:
+        """Per unit of ``layer``, the last sampled step at which it fired (output > 0); ``-1``: never seen firing.
+
+        Raises:
+            KeyError: if ``layer`` is not monitored or has not been read yet.
+        """
+        if self._capture is not None and self._accumulator is not None:
+            for index, monitored in enumerate(self._capture.layers):
+                if monitored.name == layer and index in self._accumulator.last_fired:
+                    return self._accumulator.last_fired[index].tolist()
+        if layer in self._last_fired_host:
+            return list(self._last_fired_host[layer])
+        raise KeyError(f"Expected `layer` to be a monitored layer that has been read, got {layer!r}")
+
     def report(self, title: str = "HealthMonitor") -> HealthReport:
         """The per-layer chart and findings as data (see :mod:`lightning_health.report`)."""
         names = self.monitored_layers or sorted({layer for m in self._history.metrics() for layer in self.curves(m)})
@@ -193,6 +237,7 @@ class HealthMonitor(CallbackBase):
             return
         if self._capture is not None:
             return
+        self._rescuer.replay(pl_module)  # resumed after `leaky` swaps: the fresh model has ReLU there
         chosen = select_layers(pl_module, self.layers, self.neuron_dim)
         if not chosen:
             warnings.warn(
@@ -214,7 +259,7 @@ class HealthMonitor(CallbackBase):
             histogram_samples=self.histogram_samples,
             saturation_margin=self.saturation_margin,
         )
-        self._accumulator = Accumulator(self._capture, self.dead_window)
+        self._accumulator = Accumulator(self._capture, self.dead_window, self.rescue_settings.dormant_threshold)
         self._findings = (
             FindingLog([layer.name for layer in chosen]) if not self._findings.findings() else self._findings
         )
@@ -223,6 +268,9 @@ class HealthMonitor(CallbackBase):
         if rank_zero(trainer):
             self._sinks = SinkSet(sinks_for(getattr(trainer, "loggers", [])))
         self._capture.attach()
+        refused = self._rescuer.bind(pl_module, self._capture, self._accumulator)
+        if refused and rank_zero(trainer):
+            warn_refused(refused, str(self.rescue_settings.rescue))
         if self._pending_state is not None:
             self._accumulator.load_state_dict(self._pending_state.get("accumulator", {}))
             self._pending_state = None
@@ -249,6 +297,10 @@ class HealthMonitor(CallbackBase):
     @override
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._stop_capture()
+        self._rescuer.unbind()
+        if self._capture is not None and self._accumulator is not None:
+            names = [layer.name for layer in self._capture.layers]
+            self._last_fired_host = {names[i]: t.tolist() for i, t in self._accumulator.last_fired.items()}
         if self._accumulator is not None:  # keep the windows for a checkpoint saved after fit
             self._pending_state = {"accumulator": self._accumulator.state_dict()}
         self._capture = None
@@ -298,11 +350,12 @@ class HealthMonitor(CallbackBase):
         capture.mode = Mode.OFF
         self._armed_step = None
         try:
-            readings, norms = accumulator.finish_train_step(self._param_norms)
+            readings, norms = accumulator.finish_train_step(self._param_norms, step=step)
         finally:
             capture.reset()
             self._param_norms = None
         scalars, histograms, snapshot = self._tabulate(step, readings, capture)
+        scalars.update(self._rescue(trainer, step))
         for (name, _params), value in zip(self._param_groups, norms):
             scalars[f"health/param_grad_norm/{name}"] = value
             self._history.add(step, "param_grad_norm", name, value)
@@ -331,6 +384,10 @@ class HealthMonitor(CallbackBase):
             if reading.dead_units is not None and reading.units:
                 metrics["dead_fraction"] = reading.dead_units / reading.units
                 self._last_units[layer.name] = (reading.dead_units, reading.units)
+            if reading.dormant_units is not None and reading.units:
+                metrics["dormant_fraction"] = reading.dormant_units / reading.units
+            if reading.alive_fraction is not None:
+                metrics["alive_fraction"] = reading.alive_fraction
             if not metrics:
                 continue
             for metric, value in metrics.items():
@@ -347,6 +404,28 @@ class HealthMonitor(CallbackBase):
                     self._host_edges["grad"], tuple(reading.grad_hist)
                 )
         return scalars, histograms, snapshot
+
+    def _rescue(self, trainer: Any, step: int) -> dict[str, float]:
+        """Apply the rescue on a due step, on every rank (the masks are synced); the scalars to log."""
+        if not self._rescuer.due(step, self.every_n_steps):
+            return {}
+        events, skipped = self._rescuer.apply(step, list(getattr(trainer, "optimizers", [])))
+        for event in events:
+            self._history.add(step, "rescued_units", event.layer, float(len(event.units)))
+            if event.action == "leaky":
+                self._rectifiers.discard(event.layer)
+        if rank_zero(trainer):
+            for name in skipped:
+                warnings.warn(
+                    f"HealthMonitor does not rescue `{name}`: it is called more than once per forward, so its units' "
+                    "evidence mixes several uses",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            if self.verbose:
+                for event in events:
+                    print(f"HealthMonitor: rescue at {event}", flush=True)
+        return Rescuer.scalars(events)
 
     # -- validation ----------------------------------------------------------------------------------
     @override
@@ -416,6 +495,7 @@ class HealthMonitor(CallbackBase):
             "history": self._history.state_dict(),
             "findings": self._findings.state_dict(),
             "last_units": {k: list(v) for k, v in self._last_units.items()},
+            "rescues": self._rescuer.state_dict(),
             "accumulator": (
                 self._accumulator.state_dict()
                 if self._accumulator is not None
@@ -428,6 +508,7 @@ class HealthMonitor(CallbackBase):
         self._history.load_state_dict(state_dict.get("history", {}))
         self._findings.load_state_dict(state_dict.get("findings", []))
         self._last_units = {k: (v[0], v[1]) for k, v in state_dict.get("last_units", {}).items()}
+        self._rescuer.load_state_dict(state_dict.get("rescues", []))  # replays `leaky` swaps when set up
         accumulator_state = state_dict.get("accumulator", {})
         if self._accumulator is not None:
             self._accumulator.load_state_dict(accumulator_state)

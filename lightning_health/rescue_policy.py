@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_health.rescue import InitName, UnitWeights, find_units_weights, reinit_dead_units, replace_activation
+from lightning_health.selection import activation_profile
 
 RescueMode = Literal["reinit", "leaky"]
 _MODES = ("reinit", "leaky")
@@ -75,7 +76,8 @@ class RescuePolicy:
 
     Args:
         mode: ``"reinit"`` or ``"leaky"``.
-        init: weight init for ``reinit`` (``"kaiming"`` or ``"xavier"``).
+        init: weight init for ``reinit``: ``"kaiming"``, ``"xavier"``, or ``"auto"`` (He for
+            rectifiers such as ReLU/GELU/SiLU, Glorot for tanh/sigmoid-like activations, per layer).
         negative_slope: LeakyReLU slope for ``leaky``.
         seed: base seed; the weights drawn at step ``s`` use ``seed + s``, so every DDP rank (and a
             resumed run) draws the same ones.
@@ -85,12 +87,17 @@ class RescuePolicy:
     """
 
     def __init__(
-        self, mode: RescueMode, *, init: InitName = "kaiming", negative_slope: float = 0.01, seed: int = 0
+        self,
+        mode: RescueMode,
+        *,
+        init: InitName | Literal["auto"] = "kaiming",
+        negative_slope: float = 0.01,
+        seed: int = 0,
     ) -> None:
         if mode not in _MODES:
             raise ValueError(f"Expected `rescue` to be None or one of {_MODES}, got {mode!r}")
-        if init not in ("kaiming", "xavier"):
-            raise ValueError(f"Expected `init` to be 'kaiming' or 'xavier', got {init!r}")
+        if init not in ("kaiming", "xavier", "auto"):
+            raise ValueError(f"Expected `init` to be 'kaiming', 'xavier' or 'auto', got {init!r}")
         if (
             isinstance(negative_slope, bool)
             or not isinstance(negative_slope, (int, float))
@@ -102,7 +109,18 @@ class RescuePolicy:
         self.negative_slope = float(negative_slope)
         self.seed = int(seed)
         self._weights: dict[str, UnitWeights] = {}
+        self._inits: dict[str, InitName] = {}
         self._relus: set[str] = set()  # leaky: the ReLU layers not yet replaced
+
+    @property
+    def targets(self) -> set[str]:
+        """The prepared layers a later :meth:`apply` may still change."""
+        return set(self._weights) if self.mode == "reinit" else set(self._relus)
+
+    def mark_done(self, name: str) -> None:
+        """Stop treating ``name`` (e.g. its ReLU was already swapped when a checkpoint was restored)."""
+        self._relus.discard(name)
+        self._weights.pop(name, None)
 
     def prepare(self, model: nn.Module, layers: Sequence[str]) -> dict[str, str]:
         """Map each layer to what the rescue will change; return ``{layer: why not}`` for the refused.
@@ -125,6 +143,9 @@ class RescuePolicy:
                 self._weights[name] = find_units_weights(model, name)
             except (KeyError, ValueError) as err:
                 refused[name] = str(err)
+                continue
+            rectifier = activation_profile(model.get_submodule(name)).rectifier
+            self._inits[name] = self.init if self.init != "auto" else ("kaiming" if rectifier else "xavier")
         return refused
 
     @torch.no_grad()
@@ -186,7 +207,7 @@ class RescuePolicy:
                 mask,
                 optimizer=opt_in or opt_out,
                 norms=w.norms,
-                init=self.init,
+                init=self._inits[name],
                 generator=generator,
             )
             events.append(RescueEvent(step, name, "reinit", units, (w.layer_in_name, w.layer_out_name, *w.norm_names)))

@@ -75,7 +75,7 @@ def test_split_optimizers_are_refused() -> None:
     ("kwargs", "match"),
     [
         ({"mode": "prune"}, r"Expected `rescue` to be None or one of \('reinit', 'leaky'\), got 'prune'"),
-        ({"mode": "reinit", "init": "normal"}, r"Expected `init` to be 'kaiming' or 'xavier', got 'normal'"),
+        ({"mode": "reinit", "init": "normal"}, r"Expected `init` to be 'kaiming', 'xavier' or 'auto', got 'normal'"),
         ({"mode": "leaky", "negative_slope": 1.5}, r"Expected `negative_slope` to be in \(0, 1\), got 1.5"),
     ],
 )
