@@ -194,11 +194,11 @@ class Rescuer:
             if mask is not None:
                 masks[layer.name] = mask
         events = policy.apply(model, masks, step, optimizers)
-        index = {layer.name: i for i, layer in enumerate(capture.layers)}
+        position = {layer.name: i for i, layer in enumerate(capture.layers)}
         for event in events:
             if event.action == "leaky":
-                capture.replace(index[event.layer], model.get_submodule(event.layer))
-            accumulator.reset_layer(index[event.layer])  # the old evidence describes the old units
+                capture.replace(position[event.layer], model.get_submodule(event.layer))
+            accumulator.reset_layer(position[event.layer])  # the old evidence describes the old units
         self.events += events
         return events, newly_skipped
 
