@@ -43,7 +43,7 @@ class CrossRankCheck(pl.Callback):
 
 @pytest.mark.ddp
 def test_every_rank_applies_the_identical_rescue(tmp_path: Path) -> None:
-    monitor = HealthMonitor(every_n_steps=1, dead_window=2, rescue="reinit", rescue_every=3, verbose=False)
+    monitor = HealthMonitor(every_n_steps=1, dead_window=2, rescue="reinit", rescue_every=4, verbose=False)
     out = tmp_path / "ranks.json"
     strategy = DDPStrategy(start_method="spawn", process_group_backend="gloo", timeout=timedelta(seconds=60))
     trainer = pl.Trainer(

@@ -63,9 +63,7 @@ class Probe(pl.Callback):
         self.snaps[trainer.global_step] = {
             "loss": loss,
             "params": {n: p.detach().clone() for n, p in pl_module.named_parameters()},
-            "state": {
-                n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in pl_module.named_parameters()
-            },
+            "state": {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in pl_module.named_parameters()},
         }
 
 
@@ -81,10 +79,10 @@ def _fit(
 def test_reinit_recovers_a_dead_layer_in_a_real_fit_without_a_loss_jump() -> None:
     before, after = Probe(), Probe()  # around the monitor: Lightning calls callbacks in list order
     monitor = HealthMonitor(
-        every_n_steps=1, dead_window=2, rescue="reinit", rescue_every=4, dormant_threshold=0.0, verbose=False
+        every_n_steps=1, dead_window=2, rescue="reinit", rescue_every=5, dormant_threshold=0.0, verbose=False
     )
     model = DyingMLP()
-    _fit(model, [before, monitor, after])  # 5 batches an epoch: steps 0..14, rescue at sampled step 4
+    _fit(model, [before, monitor, after])  # 5 batches an epoch: steps 0..14; the 5th sampled step (step 4) rescues
 
     dead = dict(monitor.curves("dead_fraction")["net.1"])
     assert dead[1] >= 0.4 and dead[4] >= 0.4  # half the layer dead, reading after reading
@@ -151,7 +149,7 @@ def test_dormancy_reading_default_and_off(tmp_path: Any, tb_scalars: Any) -> Non
 
 
 def test_leaky_swaps_and_the_hooks_follow_the_new_module() -> None:
-    monitor = HealthMonitor(every_n_steps=1, dead_window=2, rescue="leaky", rescue_every=3, leaky_slope=0.1,
+    monitor = HealthMonitor(every_n_steps=1, dead_window=2, rescue="leaky", rescue_every=4, leaky_slope=0.1,
                             verbose=False, log_histograms=False)  # fmt: skip
     model = DyingMLP()
     old = model.net[1]
@@ -167,13 +165,13 @@ def test_leaky_swaps_and_the_hooks_follow_the_new_module() -> None:
 
 def test_resume_after_rescues_replays_the_swap_and_keeps_the_record(tmp_path: Any) -> None:
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1)
-    first = HealthMonitor(every_n_steps=1, dead_window=2, rescue="leaky", rescue_every=3, verbose=False)
+    first = HealthMonitor(every_n_steps=1, dead_window=2, rescue="leaky", rescue_every=4, verbose=False)
     model = DyingMLP()
     _fit(model, [first, ckpt], epochs=1, enable_checkpointing=True)
     assert [e.step for e in first.rescues()] == [3, 3]  # both ReLUs had dead units at step 3
     last_fired = first.last_fired("net.1")
 
-    resumed = HealthMonitor(every_n_steps=1, dead_window=2, rescue="leaky", rescue_every=3, verbose=False)
+    resumed = HealthMonitor(every_n_steps=1, dead_window=2, rescue="leaky", rescue_every=4, verbose=False)
     fresh = DyingMLP()
     assert type(fresh.net[1]) is nn.ReLU
     seen: dict[str, Any] = {}
@@ -193,11 +191,11 @@ def test_resume_after_rescues_replays_the_swap_and_keeps_the_record(tmp_path: An
 
 def test_reinit_resume_restores_events_and_last_fired(tmp_path: Any) -> None:
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1)
-    first = HealthMonitor(every_n_steps=1, dead_window=2, rescue="reinit", rescue_every=4, verbose=False)
+    first = HealthMonitor(every_n_steps=1, dead_window=2, rescue="reinit", rescue_every=5, verbose=False)
     model = DyingMLP()
     _fit(model, [first, ckpt], epochs=1, enable_checkpointing=True)
     assert any(e.layer == "net.1" and e.step == 4 for e in first.rescues())
-    resumed = HealthMonitor(every_n_steps=1, dead_window=2, rescue="reinit", rescue_every=4, verbose=False)
+    resumed = HealthMonitor(every_n_steps=1, dead_window=2, rescue="reinit", rescue_every=5, verbose=False)
     fresh = DyingMLP()
     _fit(fresh, [resumed], epochs=2, ckpt_path=str(tmp_path / "epoch=0-step=5.ckpt"))
     assert resumed.rescues()[: len(first.rescues())] == first.rescues()
