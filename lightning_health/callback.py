@@ -84,6 +84,9 @@ class HealthMonitor(CallbackBase):
         burst_steps: when a finding turns critical (a NaN, an explosion, a layer dying), sample
             every step for this many steps so the moment things broke is recorded in detail.
             ``0`` disables bursts.
+        compile_reductions: fuse each tensor's readings into one compiled kernel
+            (``torch.compile``): about the cost of one read of the tensor instead of one pass per
+            reading, after a one-off compilation (tens of seconds on a CPU). Worth it for long runs.
         verbose: print the watched layers at start, critical findings as they appear, and the
             per-layer chart at the end of fit (rank zero only).
         writer: a ``torch.utils.tensorboard.SummaryWriter`` (or a log directory to open one in) to
@@ -134,6 +137,7 @@ class HealthMonitor(CallbackBase):
         max_points: int = 4096,
         max_overhead: float | None = None,
         burst_steps: int = 10,
+        compile_reductions: bool = False,
         verbose: bool = True,
         writer: Any = None,
         dashboard: bool = True,
@@ -180,6 +184,9 @@ class HealthMonitor(CallbackBase):
             )
         self.max_overhead = None if max_overhead is None else float(max_overhead)
         self.burst_steps = _positive_int("burst_steps", burst_steps, minimum=0)
+        if not isinstance(compile_reductions, bool):
+            raise TypeError(f"Expected `compile_reductions` to be a bool, got {compile_reductions!r}")
+        self.compile_reductions = compile_reductions
         self._schedule = SamplingSchedule(self.every_n_steps, self.max_overhead, self.burst_steps)
         self.verbose = bool(verbose)
         if writer is not None and not isinstance(writer, (str, os.PathLike)) and not hasattr(writer, "add_scalar"):
@@ -312,6 +319,7 @@ class HealthMonitor(CallbackBase):
             grad_edges=grad_edges,
             histogram_samples=self.histogram_samples,
             saturation_margin=self.saturation_margin,
+            compile_reductions=self.compile_reductions,
         )
         self._accumulator = Accumulator(self._capture, self.dead_window, self.rescue_settings.dormant_threshold)
         self._findings = (
@@ -592,6 +600,7 @@ class HealthMonitor(CallbackBase):
             "saturation_margin": self.saturation_margin,
             "max_overhead": self.max_overhead,
             "burst_steps": self.burst_steps,
+            "compile_reductions": self.compile_reductions,
             "thresholds": dataclasses.asdict(self.thresholds),
             "dashboard": self.dashboard,
             "heatmap_every_n_samples": self.heatmap_every_n_samples,
