@@ -5,6 +5,12 @@ packed into one float64 vector, reduced across DDP ranks with a single collectiv
 followed by a local sum/min/max, so one call serves all three reductions), pushed into the rolling
 dead-unit windows on the device, and moved to the host with one ``.tolist()``.
 
+With ``tau`` set, each layer call slot also packs its per-unit sums of ``|activation|`` and their
+count (summed across ranks like every other total) into an :class:`AbsWindow`, from which the
+tau-dormant units are counted on the device (:mod:`lightning_health.dormancy`). Every layer also
+keeps, per unit, the last sampled step at which it fired, from the synced fire masks. Windows and
+steps are built from synced numbers only, so the masks they give are identical on every rank.
+
 Dead units: a unit is dead when it never fired (output > 0) on any example of any sampled batch in
 the window, i.e. the last ``window`` sampled batches. The dead fraction of a layer is reported only
 once its window is full, because one batch is never enough evidence.
@@ -35,6 +41,7 @@ from torch import Tensor
 
 from lightning_health import reductions as R
 from lightning_health.capture import Capture, StepBuffers
+from lightning_health.dormancy import dormant_mask, update_last_fired
 
 
 @dataclasses.dataclass
@@ -46,6 +53,8 @@ class LayerReading:
     grad_hist: list[float] | None = None
     dead_units: int | None = None  # None until the window holds enough evidence
     units: int = 0
+    dormant_units: int | None = None  # tau-dormant over the window; None until full, or untracked
+    alive_fraction: float | None = None  # share of units that fired on this sampled step (any rank)
 
 
 class UnitWindow:
@@ -87,6 +96,54 @@ class UnitWindow:
         self.pos = int(state.get("pos", 0))  # type: ignore[call-overload]
 
 
+class AbsWindow:
+    """The last ``size`` per-unit ``|activation|`` sums of one layer call slot and their counts."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.sums: Tensor | None = None
+        self.counts: Tensor | None = None
+        self.filled = 0
+        self.pos = 0
+
+    @property
+    def full(self) -> bool:
+        return self.filled >= self.size
+
+    def push(self, sums: Tensor, count: Tensor) -> None:
+        if self.sums is None or self.sums.shape[1] != sums.numel() or self.sums.device != sums.device:
+            self.sums = torch.zeros(self.size, sums.numel(), dtype=torch.float64, device=sums.device)
+            self.counts = torch.zeros(self.size, dtype=torch.float64, device=sums.device)
+            self.filled = self.pos = 0
+        assert self.counts is not None
+        self.sums[self.pos] = sums
+        self.counts[self.pos] = count.reshape(())
+        self.pos = (self.pos + 1) % self.size
+        self.filled = min(self.filled + 1, self.size)
+
+    def dormant(self, tau: float) -> Tensor:
+        """Per-unit bool: tau-dormant over the window (see :func:`lightning_health.dormancy.dormant_mask`)."""
+        assert self.sums is not None and self.counts is not None
+        return dormant_mask(self.sums.sum(dim=0), self.counts.sum(), tau)
+
+    def state_dict(self) -> dict[str, object]:
+        return {
+            "sums": None if self.sums is None else self.sums.cpu(),
+            "counts": None if self.counts is None else self.counts.cpu(),
+            "filled": self.filled,
+            "pos": self.pos,
+        }
+
+    def load_state_dict(self, state: dict[str, object], device: torch.device) -> None:
+        sums, counts = state.get("sums"), state.get("counts")
+        if not isinstance(sums, Tensor) or not isinstance(counts, Tensor) or sums.shape[0] != self.size:
+            self.sums, self.counts, self.filled, self.pos = None, None, 0, 0
+            return
+        self.sums, self.counts = sums.to(device), counts.to(device)
+        self.filled = int(state.get("filled", 0))  # type: ignore[call-overload]
+        self.pos = int(state.get("pos", 0))  # type: ignore[call-overload]
+
+
 @dataclasses.dataclass
 class _LayerPlan:
     """Where one layer's numbers sit in the packed vector."""
@@ -96,6 +153,9 @@ class _LayerPlan:
     grad_hist: tuple[int, int] | None = None
     slots: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # (slot, offset, width)
     windows: list[tuple[int, bool]] = dataclasses.field(default_factory=list)  # (width, window full)
+    abs_slots: dict[int, int] = dataclasses.field(default_factory=dict)  # slot -> offset of sums (+ count)
+    dormant: list[bool] = dataclasses.field(default_factory=list)  # per pushed AbsWindow: full
+    alive_width: int = 0  # units of the slots that reported this step
 
 
 def _zeros(n: int, device: torch.device) -> Tensor:
@@ -135,11 +195,15 @@ def sync_vector(vec: Tensor, min_idx: Tensor, max_idx: Tensor) -> Tensor:
 class Accumulator:
     """Per-layer state across sampled steps: the dead-unit windows, and the step-end pipeline."""
 
-    def __init__(self, capture: Capture, window: int) -> None:
+    def __init__(self, capture: Capture, window: int, tau: float | None = None) -> None:
         self.capture = capture
         self.window = window
         self.windows: dict[tuple[int, int], UnitWindow] = {}
         self.widths: dict[tuple[int, int], int] = {}  # (layer, slot) -> units, remembered across steps
+        self.tau = tau  # dormancy threshold; None: no |activation| sums are taken or packed
+        self.abs_windows: dict[tuple[int, int], AbsWindow] = {}
+        self.last_fired: dict[int, Tensor] = {}  # layer -> int64 per unit, the last step it fired (-1: never)
+        capture.track_abs = tau is not None
         self._index_cache: tuple[tuple[object, ...], Tensor, Tensor] | None = None
         self.agreed: dict[tuple[int, int], int] = {}  # DDP: the (layer, slot) -> units every rank packs
 
@@ -196,7 +260,7 @@ class Accumulator:
         return out
 
     def finish_train_step(
-        self, extra: Tensor | None = None, shared_max: Tensor | None = None
+        self, extra: Tensor | None = None, shared_max: Tensor | None = None, step: int | None = None
     ) -> tuple[list[LayerReading], list[float], list[float]]:
         """End a sampled training step: pack, sync, window, transfer once.
 
@@ -205,6 +269,7 @@ class Accumulator:
                 e.g. parameter gradient norms) so it rides on the same host transfer.
             shared_max: per-rank numbers to reduce with ``max`` in the same collective (e.g. step
                 timings), so every rank takes the same decisions from them.
+            step: the global step, recorded in :attr:`last_fired` (not recorded when ``None``).
 
         Returns:
             One :class:`LayerReading` per monitored layer, and the host copies of ``extra`` and of
@@ -238,6 +303,13 @@ class Accumulator:
                     parts.append(vec)
                     entry.slots.append((slot, offset, width))
                     offset += width
+                    if self.tau is not None:  # per-unit |activation| sums, then their count
+                        sums, count = buf.abs_sums.get(slot), float(buf.abs_counts.get(slot, 0))
+                        ok = sums is not None and sums.numel() == width
+                        parts.append(sums.to(device) if ok else _zeros(width, device))  # type: ignore[union-attr]
+                        parts.append(torch.full((1,), count, dtype=torch.float64, device=device))  # a fill, no copy
+                        entry.abs_slots[slot] = offset
+                        offset += width + 1
                 plan.append(entry)
             shared_at = offset
             if shared_max is not None:
@@ -254,13 +326,31 @@ class Accumulator:
         # Windows and dead counts on the device, from the synced (global) fire masks.
         dead_counts: list[Tensor] = []
         for index, entry in enumerate(plan):
+            fired_now: list[Tensor] = []
+            dormant_counts: list[Tensor] = []
             for slot, start, width in entry.slots:
                 win = self.windows.setdefault((index, slot), UnitWindow(self.window))
-                if distributed or self.capture.buffers[index].fired.get(slot) is not None:
-                    win.push(synced[start : start + width] > 0)
+                reported = distributed or self.capture.buffers[index].fired.get(slot) is not None
+                if reported:
+                    fired = synced[start : start + width] > 0
+                    win.push(fired)
+                    fired_now.append(fired)
+                    entry.alive_width += width
                 if win.ring is not None:
                     dead_counts.append(win.dead().sum().to(torch.float64).reshape(1))
                     entry.windows.append((width, win.full))
+                if slot in entry.abs_slots and self.tau is not None:
+                    awin = self.abs_windows.setdefault((index, slot), AbsWindow(self.window))
+                    at = entry.abs_slots[slot]
+                    if reported:
+                        awin.push(synced[at : at + width], synced[at + width])
+                    if awin.sums is not None:
+                        dormant_counts.append(awin.dormant(self.tau).sum().to(torch.float64).reshape(1))
+                        entry.dormant.append(awin.full)
+            dead_counts += dormant_counts  # per layer: dead counts, then dormant counts, then alive
+            if fired_now:
+                dead_counts.append(sum(f.sum() for f in fired_now).to(torch.float64).reshape(1))  # type: ignore[union-attr]
+                self._record_fired(index, fired_now, step)
         tail = [synced, *dead_counts]
         if extra is not None:
             tail.append(extra.to(device=device, dtype=torch.float64))
@@ -274,10 +364,20 @@ class Accumulator:
                 entry.base + R.ACTIVATION_WIDTH : entry.base + R.ACTIVATION_WIDTH + R.GRADIENT_WIDTH
             ]
             dead = units = 0
+            dormant: int | None = 0
             for width, _full in entry.windows:
                 dead += int(host[cursor])
                 cursor += 1
                 units += width
+            for _full in entry.dormant:
+                dormant = (dormant or 0) + int(host[cursor])
+                cursor += 1
+            if not entry.dormant or not all(entry.dormant) or len(entry.dormant) != len(entry.windows):
+                dormant = None
+            alive = None
+            if entry.alive_width:
+                alive = host[cursor] / entry.alive_width
+                cursor += 1
             complete = bool(entry.windows) and all(full for _w, full in entry.windows)
             readings.append(
                 LayerReading(
@@ -286,6 +386,8 @@ class Accumulator:
                     grad_hist=_slice(host, entry.grad_hist) if grad_host[R.G_COUNT] > 0 else None,
                     dead_units=dead if complete else None,
                     units=units,
+                    dormant_units=dormant if complete else None,
+                    alive_fraction=alive,
                 )
             )
         shared = host[shared_at : packed.numel() - (1 if distributed else 0)]  # not the layout flag
@@ -304,6 +406,48 @@ class Accumulator:
             as_tensor = lambda idx: torch.tensor(idx, dtype=torch.long, device=device)  # noqa: E731
             self._index_cache = (key, as_tensor(min_idx), as_tensor(max_idx))
         return self._index_cache[1], self._index_cache[2]
+
+    def _record_fired(self, index: int, fired: list[Tensor], step: int | None) -> None:
+        """OR the synced fire masks of the layer's calls (of the first call's width) into ``last_fired``."""
+        if step is None:
+            return
+        width = fired[0].numel()
+        any_fired = fired[0]
+        for mask in fired[1:]:
+            if mask.numel() == width:
+                any_fired = any_fired | mask
+        last = self.last_fired.get(index)
+        if last is None or last.numel() != width or last.device != any_fired.device:
+            last = torch.full((width,), -1, dtype=torch.int64, device=any_fired.device)
+        self.last_fired[index] = update_last_fired(last, any_fired, step)
+
+    def calls_per_step(self, index: int) -> int:
+        """How many forward calls (slots) of layer ``index`` have been seen in one batch."""
+        return sum(1 for (i, _slot) in self.widths if i == index)
+
+    def rescue_mask(self, index: int) -> Tensor | None:
+        """The units of layer ``index`` that are dead (or tau-dormant, when tracked) over a full window.
+
+        ``None`` unless the layer is called once per batch and its windows are full. Built from
+        synced numbers only, so it is the same tensor on every rank.
+        """
+        if self.calls_per_step(index) != 1:
+            return None
+        win = self.windows.get((index, 0))
+        if win is None or win.ring is None or not win.full:
+            return None
+        mask = win.dead()
+        awin = self.abs_windows.get((index, 0))
+        if self.tau is not None and awin is not None and awin.sums is not None and awin.full:
+            mask = mask | awin.dormant(self.tau).to(mask.device)
+        return mask
+
+    def reset_layer(self, index: int) -> None:
+        """Forget layer ``index``'s window evidence (after a rescue changed what its units compute)."""
+        for key in [k for k in self.windows if k[0] == index]:
+            del self.windows[key]
+        for key in [k for k in self.abs_windows if k[0] == index]:
+            del self.abs_windows[key]
 
     def _act_hist_len(self, index: int) -> int:
         edges = self.capture.act_edges
@@ -348,6 +492,8 @@ class Accumulator:
         return {
             "windows": {f"{i}:{s}": w.state_dict() for (i, s), w in self.windows.items()},
             "widths": {f"{i}:{s}": w for (i, s), w in self.widths.items()},
+            "abs_windows": {f"{i}:{s}": w.state_dict() for (i, s), w in self.abs_windows.items()},
+            "last_fired": {str(i): t.cpu() for i, t in self.last_fired.items()},
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
@@ -359,6 +505,13 @@ class Accumulator:
             i, s = (int(p) for p in key.split(":"))
             win = self.windows.setdefault((i, s), UnitWindow(self.window))
             win.load_state_dict(wstate, device)
+        if self.tau is not None:
+            for key, wstate in dict(state.get("abs_windows", {})).items():  # type: ignore[call-overload]
+                i, s = (int(p) for p in key.split(":"))
+                self.abs_windows.setdefault((i, s), AbsWindow(self.window)).load_state_dict(wstate, device)
+        for key, steps in dict(state.get("last_fired", {})).items():  # type: ignore[call-overload]
+            if isinstance(steps, Tensor):
+                self.last_fired[int(key)] = steps.to(device=device, dtype=torch.int64)
 
 
 def layer_param_groups(modules: Sequence[tuple[str, torch.nn.Module]]) -> list[tuple[str, list[torch.nn.Parameter]]]:

@@ -31,6 +31,8 @@ from lightning_health.diagnosis import Finding, FindingLog, Thresholds, evaluate
 from lightning_health.heatmap import render_heatmap
 from lightning_health.history import History
 from lightning_health.report import HealthReport, print_report
+from lightning_health.rescue_policy import RescueEvent, RescueMode
+from lightning_health.rescue_runner import RescueInit, Rescuer, RescueSettings, warn_refused
 from lightning_health.schedule import SamplingSchedule, validate_every_n_steps
 from lightning_health.selection import LayerSpec, MonitoredLayer, select_layers, validate_layer_spec
 from lightning_health.sinks import Histogram, SinkSet, sinks_for
@@ -95,6 +97,20 @@ class HealthMonitor(CallbackBase):
             Scalars, histograms and the W&B config/summary are written either way.
         heatmap_every_n_samples: re-render the dead-fraction heatmap (layers x sampled steps) every
             this many sampled steps, and once at the end of training; ``None`` for no heatmap.
+        dormant_threshold: tau of the ``dormant_fraction`` reading (Sokar et al., 2023): a unit is
+            dormant when its mean ``|activation|`` over the window is <= tau times the layer's
+            average. ``0.025`` (default) also catches nearly silent units of any activation;
+            ``0.0`` flags only exactly silent ones (the same as dead, for ReLU); ``None`` turns the
+            reading off. See docs/rescue.md.
+        rescue: ``None`` (default: only watch), ``"reinit"`` (recycle dead and dormant units:
+            fresh incoming weights, zero outgoing weights, their optimizer state reset) or
+            ``"leaky"`` (swap a ReLU with dead units for a LeakyReLU). Every event is logged as
+            ``health/rescued_units/<layer>`` and listed by :meth:`rescues`.
+        rescue_every: rescue on every ``rescue_every``-th sampled step (sampled steps are counted,
+            bursts included), for layers whose window is full.
+        rescue_init: ``"auto"`` (He for rectifiers, Glorot for tanh/sigmoid), ``"kaiming"`` or ``"xavier"``.
+        leaky_slope: the LeakyReLU negative slope for ``rescue="leaky"``.
+        rescue_seed: seeds the recycled weights (``rescue_seed + step``), identical on every rank.
 
     Raises:
         TypeError, ValueError: for bad arguments, naming the argument.
@@ -126,6 +142,12 @@ class HealthMonitor(CallbackBase):
         writer: Any = None,
         dashboard: bool = True,
         heatmap_every_n_samples: int | None = 10,
+        dormant_threshold: float | None = 0.025,
+        rescue: RescueMode | None = None,
+        rescue_every: int = 10,
+        rescue_init: RescueInit = "auto",
+        leaky_slope: float = 0.01,
+        rescue_seed: int = 0,
     ) -> None:
         self.every_n_steps = validate_every_n_steps(every_n_steps)
         validate_layer_spec(layers)
@@ -179,6 +201,11 @@ class HealthMonitor(CallbackBase):
         self._last_units: dict[str, tuple[int | None, int]] = {}
         self._layer_names: list[str] = []
         self._pending_state: dict[str, Any] | None = None
+        self.rescue_settings = RescueSettings(
+            rescue, rescue_every, dormant_threshold, rescue_init, leaky_slope, rescue_seed
+        )
+        self._rescuer = Rescuer(self.rescue_settings)
+        self._last_fired_host: dict[str, list[int]] = {}
         self._reset_runtime()
 
     # -- runtime state (rebuilt in setup; never pickled with the callback) ----------------------------
@@ -232,6 +259,24 @@ class HealthMonitor(CallbackBase):
         """Every problem of the run in order of onset, each with its latest state and a hint."""
         return self._findings.findings()
 
+    def rescues(self) -> list[RescueEvent]:
+        """Every rescue applied so far (``rescue="reinit"``/``"leaky"``), oldest first."""
+        return list(self._rescuer.events)
+
+    def last_fired(self, layer: str) -> list[int]:
+        """Per unit of ``layer``, the last sampled step at which it fired (output > 0); ``-1``: never seen firing.
+
+        Raises:
+            KeyError: if ``layer`` is not monitored or has not been read yet.
+        """
+        if self._capture is not None and self._accumulator is not None:
+            for index, monitored in enumerate(self._capture.layers):
+                if monitored.name == layer and index in self._accumulator.last_fired:
+                    return self._accumulator.last_fired[index].tolist()
+        if layer in self._last_fired_host:
+            return list(self._last_fired_host[layer])
+        raise KeyError(f"Expected `layer` to be a monitored layer that has been read, got {layer!r}")
+
     def report(self, title: str = "HealthMonitor") -> HealthReport:
         """The per-layer chart and findings as data (see :mod:`lightning_health.report`)."""
         names = self.monitored_layers or sorted(self.curves("act_std"))
@@ -253,6 +298,7 @@ class HealthMonitor(CallbackBase):
             return
         if self._capture is not None:
             return
+        self._rescuer.replay(pl_module)  # resumed after `leaky` swaps: the fresh model has ReLU there
         chosen = select_layers(pl_module, self.layers, self.neuron_dim)
         if not chosen:
             warnings.warn(
@@ -275,7 +321,7 @@ class HealthMonitor(CallbackBase):
             saturation_margin=self.saturation_margin,
             compile_reductions=self.compile_reductions,
         )
-        self._accumulator = Accumulator(self._capture, self.dead_window)
+        self._accumulator = Accumulator(self._capture, self.dead_window, self.rescue_settings.dormant_threshold)
         self._findings = (
             FindingLog([layer.name for layer in chosen]) if not self._findings.findings() else self._findings
         )
@@ -286,6 +332,9 @@ class HealthMonitor(CallbackBase):
             self._sinks = SinkSet(sinks_for(getattr(trainer, "loggers", []), writer=self.writer))
             self._sinks.start(self.settings(), [layer.name for layer in chosen])
         self._capture.attach()
+        refused = self._rescuer.bind(pl_module, self._capture, self._accumulator)
+        if refused and rank_zero(trainer):
+            warn_refused(refused, str(self.rescue_settings.rescue))
         if self._pending_state is not None:
             self._accumulator.load_state_dict(self._pending_state.get("accumulator", {}))
             self._pending_state = None
@@ -312,6 +361,10 @@ class HealthMonitor(CallbackBase):
     @override
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._stop_capture()
+        self._rescuer.unbind()
+        if self._capture is not None and self._accumulator is not None:
+            names = [layer.name for layer in self._capture.layers]
+            self._last_fired_host = {names[i]: t.tolist() for i, t in self._accumulator.last_fired.items()}
         if self._accumulator is not None:  # keep the windows for a checkpoint saved after fit
             self._pending_state = {"accumulator": self._accumulator.state_dict()}
         self._capture = None
@@ -388,11 +441,12 @@ class HealthMonitor(CallbackBase):
             timing = torch.empty(2, dtype=torch.float64, device=device)
             timing[0], timing[1] = self._sampled_seconds, self._idle_seconds  # fills, no host-to-device copy
         try:
-            readings, norms, shared = accumulator.finish_train_step(self._param_norms, timing)
+            readings, norms, shared = accumulator.finish_train_step(self._param_norms, timing, step=step)
         finally:
             capture.reset()
             self._param_norms = None
         scalars, histograms, snapshot = self._tabulate(step, readings, capture)
+        scalars.update(self._rescue(trainer, step))
         for (name, _params), value in zip(self._param_groups, norms):
             scalars[f"health/param_grad_norm/{name}"] = value
             self._history.add(step, "param_grad_norm", name, value)
@@ -426,6 +480,10 @@ class HealthMonitor(CallbackBase):
             if reading.dead_units is not None and reading.units:
                 metrics["dead_fraction"] = reading.dead_units / reading.units
                 self._last_units[layer.name] = (reading.dead_units, reading.units)
+            if reading.dormant_units is not None and reading.units:
+                metrics["dormant_fraction"] = reading.dormant_units / reading.units
+            if reading.alive_fraction is not None:
+                metrics["alive_fraction"] = reading.alive_fraction
             if not metrics:
                 continue
             for metric, value in metrics.items():
@@ -442,6 +500,28 @@ class HealthMonitor(CallbackBase):
                     self._host_edges["grad"], tuple(reading.grad_hist)
                 )
         return scalars, histograms, snapshot
+
+    def _rescue(self, trainer: Any, step: int) -> dict[str, float]:
+        """Apply the rescue on a due step, on every rank (the masks are synced); the scalars to log."""
+        if not self._rescuer.due():
+            return {}
+        events, skipped = self._rescuer.apply(step, list(getattr(trainer, "optimizers", [])))
+        for event in events:
+            self._history.add(step, "rescued_units", event.layer, float(len(event.units)))
+            if event.action == "leaky":
+                self._rectifiers.discard(event.layer)
+        if rank_zero(trainer):
+            for name in skipped:
+                warnings.warn(
+                    f"HealthMonitor does not rescue `{name}`: it is called more than once per forward, so its units' "
+                    "evidence mixes several uses",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            if self.verbose:
+                for event in events:
+                    print(f"HealthMonitor: rescue at {event}", flush=True)
+        return Rescuer.scalars(events)
 
     # -- validation ----------------------------------------------------------------------------------
     @override
@@ -524,6 +604,7 @@ class HealthMonitor(CallbackBase):
             "thresholds": dataclasses.asdict(self.thresholds),
             "dashboard": self.dashboard,
             "heatmap_every_n_samples": self.heatmap_every_n_samples,
+            **dataclasses.asdict(self.rescue_settings),
         }
 
     def _publish(self, step: int, final: bool = False) -> None:
@@ -560,6 +641,7 @@ class HealthMonitor(CallbackBase):
             "last_units": {k: list(v) for k, v in self._last_units.items()},
             "layers": list(self._layer_names),
             "schedule": self._schedule.state_dict(),
+            "rescues": self._rescuer.state_dict(),
             "accumulator": (
                 self._accumulator.state_dict()
                 if self._accumulator is not None
@@ -574,6 +656,7 @@ class HealthMonitor(CallbackBase):
         self._last_units = {k: (v[0], v[1]) for k, v in state_dict.get("last_units", {}).items()}
         self._layer_names = self._layer_names or list(state_dict.get("layers", []))
         self._schedule.load_state_dict(state_dict.get("schedule", {}))
+        self._rescuer.load_state_dict(state_dict.get("rescues", {}))  # replays `leaky` swaps when set up
         accumulator_state = state_dict.get("accumulator", {})
         if self._accumulator is not None:
             self._accumulator.load_state_dict(accumulator_state)

@@ -34,7 +34,8 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_health import kernels
 from lightning_health import reductions as R
-from lightning_health.selection import MonitoredLayer
+from lightning_health.dormancy import unit_abs_sums, unit_counts
+from lightning_health.selection import MonitoredLayer, activation_profile
 
 
 class Mode(enum.Enum):
@@ -55,11 +56,15 @@ class StepBuffers:
     grad_hist: Tensor | None = None
     fired: dict[int, Tensor] = dataclasses.field(default_factory=dict)  # call slot -> bool[units]
     calls: int = 0  # forward calls in the current micro-batch (the slot of the next call)
+    abs_sums: dict[int, Tensor] = dataclasses.field(default_factory=dict)  # slot -> float64[units] (dormancy)
+    abs_counts: dict[int, int] = dataclasses.field(default_factory=dict)  # slot -> values per unit summed
 
     def clear(self) -> None:
         self.act = self.grad = self.act_hist = self.grad_hist = None
         self.fired = {}
         self.calls = 0
+        self.abs_sums = {}
+        self.abs_counts = {}
 
 
 def first_tensor(output: Any) -> Tensor | None:
@@ -144,6 +149,7 @@ class Capture:
         self.scratch = R.Scratch()  # one reused temporary per device for the eager reductions
         self._handles: list[RemovableHandle] = []
         self._broken: set[int] = set()
+        self.track_abs = False  # also sum |activation| per unit on training steps (dormancy readings)
 
     # -- lifetime -------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -160,6 +166,14 @@ class Capture:
         self._handles = []
         self.scratch.clear()
         self.mode = Mode.OFF
+
+    def replace(self, index: int, module: torch.nn.Module) -> None:
+        """Read ``module`` instead of layer ``index``'s module (after the model swapped it), hook included."""
+        old = self.layers[index]
+        self.layers[index] = dataclasses.replace(old, module=module, profile=activation_profile(module))
+        if self._handles:
+            self._handles[index].remove()
+            self._handles[index] = module.register_forward_hook(self._make_hook(index))
 
     @property
     def attached(self) -> bool:
@@ -221,6 +235,11 @@ class Capture:
         if self.act_edges is not None:
             hist = R.histogram_counts(R.histogram_sample(y, self._samples), self.act_edges[layer.name])
             buf.act_hist = hist if buf.act_hist is None else buf.act_hist + hist
+        if self.track_abs:
+            sums, prev_sums = unit_abs_sums(y, dim), buf.abs_sums.get(slot)
+            same = prev_sums is not None and prev_sums.shape == sums.shape
+            buf.abs_sums[slot] = prev_sums + sums if same else sums  # type: ignore[operator]
+            buf.abs_counts[slot] = (buf.abs_counts[slot] if same else 0) + unit_counts(y, dim)
 
     def _activation_totals(self, index: int, y: Tensor) -> Tensor:
         bounds = self.layers[index].profile.bounds
