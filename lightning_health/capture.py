@@ -196,15 +196,20 @@ class Capture:
     def _hook(self, index: int, output: Any) -> None:
         if self.mode is Mode.OFF or index in self._broken:
             return
+        self._guarded(index, "layer", self._on_forward, output)
+
+    @torch.compiler.disable  # eager even inside a compiled model: nothing here may enter its graph
+    def _guarded(self, index: int, what: str, read: Any, value: Any) -> None:
+        """Run one reading; on error stop reading that layer with a warning, never crash the run."""
         try:
-            self._on_forward(index, output)
+            read(index, value)
         except Exception as err:  # a fault in a user's model must never crash the run
             self._broken.add(index)
             warnings.warn(
-                f"lightning_health stopped reading layer `{self.layers[index].name}` after an error in its "
-                f"hook ({type(err).__name__}: {err}); training continues.",
+                f"lightning_health stopped reading {what} `{self.layers[index].name}` after an error "
+                f"({type(err).__name__}: {err}); training continues.",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
 
     @torch.compiler.disable  # eager even inside a compiled model (see the module docstring)
@@ -252,18 +257,8 @@ class Capture:
 
     def _make_grad_hook(self, index: int) -> Any:
         def grad_hook(grad: Tensor) -> None:
-            if index in self._broken:
-                return
-            try:
-                self._on_grad(index, grad)
-            except Exception as err:
-                self._broken.add(index)
-                warnings.warn(
-                    f"lightning_health stopped reading gradients of `{self.layers[index].name}` after an error "
-                    f"({type(err).__name__}: {err}); training continues.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+            if index not in self._broken:
+                self._guarded(index, "gradients of", self._on_grad, grad)
 
         return grad_hook
 
