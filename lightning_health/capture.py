@@ -193,6 +193,7 @@ class Capture:
     def _make_hook(self, index: int) -> Any:
         return _ForwardHook(self, index)
 
+    @torch.compiler.disable  # eager inside a compiled model: dynamo never guards on the monitor's state
     def _hook(self, index: int, output: Any) -> None:
         if self.mode is Mode.OFF or index in self._broken:
             return
