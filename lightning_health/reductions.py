@@ -54,37 +54,38 @@ def empty_gradient_totals(device: torch.device | str = "cpu") -> Tensor:
     return torch.zeros(GRADIENT_WIDTH, dtype=_WIDE, device=device)
 
 
-def _scaled_moments(x: Tensor, lo: Tensor, hi: Tensor, scratch: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Sum, sum of squares and non-finite count of a flat float tensor, without a float64 copy.
+def _scaled_moments(
+    x: Tensor, lo: Tensor, hi: Tensor, scratch: Tensor | None, count_zeros: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Sum, sum of squares, non-finite count and zero count of a flat float tensor, in float32 passes.
 
     When all values lie on one side of zero they are centred on the midpoint ``c`` of
-    ``[min, max]`` (otherwise ``c = 0``), and scaled by a power of two so the largest deviation lies
-    in ``[0.5, 1]``, in one fused pass into ``scratch``. Then:
+    ``[min, max]`` (otherwise ``c = 0``), and scaled by a power of two so the largest deviation is
+    below 1, into ``scratch``. Then:
 
     - float32 sums of the centred values lose nothing to cancellation, so a collapsed layer
       (5.0 +- 1e-4) keeps a precise std; the raw sums are rebuilt in float64 as
       ``sum = S1 + n c`` and ``sum_sq = S2 + 2 c S1 + n c^2``;
     - the float32 sum of squares is at most ``n`` and cannot overflow, whatever the magnitudes;
-    - the buffer is reused across calls (on a CPU a fresh full-size temporary costs far more than
-      the arithmetic) and then yields the non-finite count with float operations only.
+    - the buffer is reused across calls: on a CPU a fresh full-size temporary, or a boolean mask,
+      costs many times the arithmetic, so the counts are float passes over the same buffer too.
     """
-    lo64, hi64 = lo.to(_WIDE), hi.to(_WIDE)
-    usable = torch.isfinite(lo64) & torch.isfinite(hi64)
-    # Shift only when every value lies on one side of zero: then mean^2 can dwarf the variance.
-    shift = usable & ((lo64 > 0) | (hi64 < 0))
-    centre = torch.where(shift, (lo64 + hi64) / 2, 0.0)
-    half_range = torch.where(usable, torch.maximum(hi64 - centre, centre - lo64), 0.0)
-    exponent = torch.where(half_range > 0, torch.floor(torch.log2(half_range.clamp(min=1e-300))), 0.0)
-    scale = torch.exp2(-exponent)
     buf = scratch[: x.numel()] if scratch is not None and scratch.numel() >= x.numel() else torch.empty_like(x)
-    # buf = (x - c) * scale in one pass
-    torch.addcmul((-centre * scale).to(x.dtype), x, scale.to(x.dtype), out=buf)
+    n = float(x.numel())
+    zeros = x.new_zeros((), dtype=_WIDE)
+    if count_zeros:  # ceil(min(|x|, 1)) is 1 for any nonzero (subnormals too), 0 for 0; NaN -> 1 (not zero)
+        nonzero = torch.abs(x, out=buf).clamp_(max=1.0).ceil_().nan_to_num_(nan=1.0).sum()
+        zeros = n - nonzero.to(_WIDE)
+    lo64, hi64 = lo.to(_WIDE), hi.to(_WIDE)
+    # Shift only when every value lies on one side of zero: then mean^2 can dwarf the variance.
+    centre = torch.where((lo64 > 0) | (hi64 < 0), (lo64 + hi64) / 2, 0.0).nan_to_num_(0.0, 0.0, 0.0)
+    reach = torch.maximum(hi64 - centre, centre - lo64).nan_to_num_(0.0, 0.0, 0.0)
+    scale = torch.ldexp(torch.ones_like(reach), -torch.frexp(reach).exponent)  # exact power of two
+    torch.sub(x, centre.to(x.dtype), out=buf).mul_(scale.to(x.dtype))
     s1 = buf.sum().to(_WIDE) / scale
     s2 = torch.linalg.vector_norm(buf).to(_WIDE).square() / scale.square()
-    buf.sub_(buf)  # 0 where finite, NaN where the value was NaN or +-Inf
-    nonfinite = buf.nan_to_num_(nan=1.0).sum().to(_WIDE)
-    n = float(x.numel())
-    return s1 + n * centre, s2 + 2 * centre * s1 + n * centre.square(), nonfinite
+    nonfinite = buf.sub_(buf).nan_to_num_(nan=1.0).sum().to(_WIDE)  # x - x is NaN exactly where x is NaN/Inf
+    return s1 + n * centre, s2 + 2 * centre * s1 + n * centre.square(), nonfinite, zeros
 
 
 def activation_totals(
@@ -121,8 +122,7 @@ def activation_totals(
         low, high = bounds
         band = margin * (high - low)
         saturated = ((x <= low + band) | (x >= high - band)).sum(dtype=_WIDE)
-    zeros = x.eq(0).sum(dtype=_WIDE)
-    total, total_sq, nonfinite = _scaled_moments(x, lo, hi, scratch)
+    total, total_sq, nonfinite, zeros = _scaled_moments(x, lo, hi, scratch, count_zeros=True)
     return torch.stack(
         [
             x.new_full((), float(x.numel()), dtype=_WIDE),  # a fill kernel, not a host-to-device copy
@@ -148,7 +148,7 @@ def gradient_totals(g: Tensor, scratch: Tensor | None = None) -> Tensor:
     if x.numel() == 0:
         return empty_gradient_totals(x.device)
     lo, hi = torch.aminmax(x)
-    total, total_sq, nonfinite = _scaled_moments(x, lo, hi, scratch)
+    total, total_sq, nonfinite, _ = _scaled_moments(x, lo, hi, scratch, count_zeros=False)
     return torch.stack(
         [
             x.new_full((), float(x.numel()), dtype=_WIDE),
