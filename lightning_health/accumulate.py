@@ -152,6 +152,9 @@ def _slice(host: list[float], span: tuple[int, int] | None) -> list[float] | Non
     return None if span is None else host[span[0] : span[0] + span[1]]
 
 
+_NO_INDEX = torch.zeros(0, dtype=torch.long)
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -187,8 +190,9 @@ class Accumulator:
         self.abs_windows: dict[tuple[int, int], AbsWindow] = {}
         self.last_fired: dict[int, Tensor] = {}  # layer -> int64 per unit, the last step it fired (-1: never)
         capture.track_abs = tau is not None
+        self._index_cache: tuple[tuple[object, ...], Tensor, Tensor] | None = None
 
-    def _device(self) -> torch.device:
+    def device(self) -> torch.device:
         for buf in self.capture.buffers:
             for t in (buf.act, buf.grad, *buf.fired.values()):
                 if t is not None:
@@ -204,19 +208,22 @@ class Accumulator:
         return sorted(slot for (i, slot) in self.widths if i == index)
 
     def finish_train_step(
-        self, extra: Tensor | None = None, step: int | None = None
-    ) -> tuple[list[LayerReading], list[float]]:
+        self, extra: Tensor | None = None, shared_max: Tensor | None = None, step: int | None = None
+    ) -> tuple[list[LayerReading], list[float], list[float]]:
         """End a sampled training step: pack, sync, window, transfer once.
 
         Args:
             extra: a float64 device vector appended after sync (already identical on every rank,
                 e.g. parameter gradient norms) so it rides on the same host transfer.
+            shared_max: per-rank numbers to reduce with ``max`` in the same collective (e.g. step
+                timings), so every rank takes the same decisions from them.
             step: the global step, recorded in :attr:`last_fired` (not recorded when ``None``).
 
         Returns:
-            One :class:`LayerReading` per monitored layer, and the host copy of ``extra``.
+            One :class:`LayerReading` per monitored layer, and the host copies of ``extra`` and of
+            the synced ``shared_max``.
         """
-        device = self._device()
+        device = self.device()
         parts: list[Tensor] = []
         min_idx: list[int] = []
         max_idx: list[int] = []
@@ -252,12 +259,13 @@ class Accumulator:
                     entry.abs_slots[slot] = offset
                     offset += width + 1
             plan.append(entry)
+        shared_at = offset
+        if shared_max is not None:
+            parts.append(shared_max.to(device=device, dtype=torch.float64))
+            max_idx += range(offset, offset + shared_max.numel())
+            offset += shared_max.numel()
         packed = torch.cat(parts) if parts else _zeros(0, device)
-        synced = sync_vector(
-            packed,
-            torch.tensor(min_idx, dtype=torch.long, device=device),
-            torch.tensor(max_idx, dtype=torch.long, device=device),
-        )
+        synced = sync_vector(packed, *self._reduction_indices(min_idx, max_idx, device))
         # Windows and dead counts on the device, from the synced (global) fire masks.
         dead_counts: list[Tensor] = []
         distributed = world_size() > 1
@@ -295,8 +303,10 @@ class Accumulator:
         readings = []
         cursor = packed.numel()
         for entry in plan:
-            act = host[entry.base : entry.base + R.ACTIVATION_WIDTH]
-            grad = host[entry.base + R.ACTIVATION_WIDTH : entry.base + R.ACTIVATION_WIDTH + R.GRADIENT_WIDTH]
+            act_host: list[float] = host[entry.base : entry.base + R.ACTIVATION_WIDTH]
+            grad_host: list[float] = host[
+                entry.base + R.ACTIVATION_WIDTH : entry.base + R.ACTIVATION_WIDTH + R.GRADIENT_WIDTH
+            ]
             dead = units = 0
             dormant: int | None = 0
             for width, _full in entry.windows:
@@ -315,16 +325,31 @@ class Accumulator:
             complete = bool(entry.windows) and all(full for _w, full in entry.windows)
             readings.append(
                 LayerReading(
-                    metrics={**R.derive_activation(act), **R.derive_gradient(grad)},
-                    act_hist=_slice(host, entry.act_hist) if act[R.A_COUNT] > 0 else None,
-                    grad_hist=_slice(host, entry.grad_hist) if grad[R.G_COUNT] > 0 else None,
+                    metrics={**R.derive_activation(act_host), **R.derive_gradient(grad_host)},
+                    act_hist=_slice(host, entry.act_hist) if act_host[R.A_COUNT] > 0 else None,
+                    grad_hist=_slice(host, entry.grad_hist) if grad_host[R.G_COUNT] > 0 else None,
                     dead_units=dead if complete else None,
                     units=units,
                     dormant_units=dormant if complete else None,
                     alive_fraction=alive,
                 )
             )
-        return readings, (host[cursor:] if extra is not None else [])
+        shared = host[shared_at : packed.numel()]
+        return readings, (host[cursor:] if extra is not None else []), shared
+
+    def _reduction_indices(self, min_idx: list[int], max_idx: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
+        """Index tensors for the min/max fields, built once per layout and only when ranks are synced.
+
+        Building them from Python lists is a host-to-device copy, which on a GPU blocks the host:
+        outside DDP they are never needed, under DDP they are cached.
+        """
+        if world_size() == 1:
+            return _NO_INDEX, _NO_INDEX
+        key = (tuple(min_idx), tuple(max_idx), str(device))
+        if self._index_cache is None or self._index_cache[0] != key:
+            as_tensor = lambda idx: torch.tensor(idx, dtype=torch.long, device=device)  # noqa: E731
+            self._index_cache = (key, as_tensor(min_idx), as_tensor(max_idx))
+        return self._index_cache[1], self._index_cache[2]
 
     def _record_fired(self, index: int, fired: list[Tensor], step: int | None) -> None:
         """OR the synced fire masks of the layer's calls (of the first call's width) into ``last_fired``."""
@@ -381,7 +406,7 @@ class Accumulator:
 
         Exact over every example of the pass on every rank; one collective, one transfer.
         """
-        device = self._device()
+        device = self.device()
         parts: list[Tensor] = []
         plan: list[list[int]] = []
         for index, buf in enumerate(self.capture.buffers):
@@ -394,8 +419,7 @@ class Accumulator:
             plan.append(widths)
         if not parts:
             return [(0, 0) for _ in plan]
-        empty = torch.zeros(0, dtype=torch.long, device=device)
-        synced = sync_vector(torch.cat(parts), empty, empty)
+        synced = sync_vector(torch.cat(parts), _NO_INDEX, _NO_INDEX)
         fired_per_layer = []
         start = 0
         for widths in plan:
@@ -414,7 +438,7 @@ class Accumulator:
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        device = self._device()
+        device = self.device()
         for key, width in dict(state.get("widths", {})).items():  # type: ignore[call-overload]
             i, s = (int(p) for p in key.split(":"))
             self.widths[(i, s)] = int(width)

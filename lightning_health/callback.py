@@ -11,7 +11,11 @@ Data flow of one sampled step::
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
 import re
+import time
 import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -24,17 +28,20 @@ from lightning_health._compat import CallbackBase, grad_scale_tensor, rank_zero
 from lightning_health.accumulate import Accumulator, LayerReading, layer_param_groups, param_grad_norms
 from lightning_health.capture import Capture, Mode
 from lightning_health.diagnosis import Finding, FindingLog, Thresholds, evaluate
+from lightning_health.heatmap import render_heatmap
 from lightning_health.history import History
 from lightning_health.report import HealthReport, print_report
 from lightning_health.rescue_policy import RescueEvent, RescueMode
 from lightning_health.rescue_runner import RescueInit, Rescuer, RescueSettings, warn_refused
-from lightning_health.schedule import is_sampled, validate_every_n_steps
+from lightning_health.schedule import SamplingSchedule, validate_every_n_steps
 from lightning_health.selection import LayerSpec, MonitoredLayer, select_layers, validate_layer_spec
 from lightning_health.sinks import Histogram, SinkSet, sinks_for
+from lightning_health.sinks.format import run_summary
 
 OnCritical = Literal["warn", "stop", "raise"]
 _ON_CRITICAL = ("warn", "stop", "raise")
 _UNSUPPORTED_STRATEGIES = re.compile(r"fsdp|deepspeed", re.IGNORECASE)
+HEATMAP_TAG = "health/dead_fraction_heatmap"
 
 
 class HealthCriticalError(RuntimeError):
@@ -71,8 +78,25 @@ class HealthMonitor(CallbackBase):
         saturation_margin: outputs within this fraction of the output range from a bound count
             as saturated.
         max_points: points kept per curve before the older half is thinned (bounded memory).
+        max_overhead: a budget, as a fraction of training time (e.g. ``0.01``): the monitor times
+            its sampled steps against plain ones and widens or narrows the sampling interval to
+            stay inside it, starting from ``every_n_steps``. ``None`` keeps the fixed cadence.
+        burst_steps: when a finding turns critical (a NaN, an explosion, a layer dying), sample
+            every step for this many steps so the moment things broke is recorded in detail.
+            ``0`` disables bursts.
+        compile_reductions: fuse each tensor's readings into one compiled kernel
+            (``torch.compile``): about the cost of one read of the tensor instead of one pass per
+            reading, after a one-off compilation (tens of seconds on a CPU). Worth it for long runs.
         verbose: print the watched layers at start, critical findings as they appear, and the
             per-layer chart at the end of fit (rank zero only).
+        writer: a ``torch.utils.tensorboard.SummaryWriter`` (or a log directory to open one in) to
+            write the TensorBoard dashboard to directly, with or without a Lightning logger. Pass a
+            directory under ``ddp_spawn``: an open writer cannot be pickled to the spawned processes.
+        dashboard: write the TensorBoard diagnosis panel (custom scalars), the findings (text in
+            TensorBoard, a table in W&B) and the dead-fraction heatmap to loggers that show them.
+            Scalars, histograms and the W&B config/summary are written either way.
+        heatmap_every_n_samples: re-render the dead-fraction heatmap (layers x sampled steps) every
+            this many sampled steps, and once at the end of training; ``None`` for no heatmap.
         dormant_threshold: tau of the ``dormant_fraction`` reading (Sokar et al., 2023): a unit is
             dormant when its mean ``|activation|`` over the window is <= tau times the layer's
             average. ``0.025`` (default) also catches nearly silent units of any activation;
@@ -82,7 +106,8 @@ class HealthMonitor(CallbackBase):
             fresh incoming weights, zero outgoing weights, their optimizer state reset) or
             ``"leaky"`` (swap a ReLU with dead units for a LeakyReLU). Every event is logged as
             ``health/rescued_units/<layer>`` and listed by :meth:`rescues`.
-        rescue_every: rescue on every ``rescue_every``-th sampled step, for layers whose window is full.
+        rescue_every: rescue on every ``rescue_every``-th sampled step (sampled steps are counted,
+            bursts included), for layers whose window is full.
         rescue_init: ``"auto"`` (He for rectifiers, Glorot for tanh/sigmoid), ``"kaiming"`` or ``"xavier"``.
         leaky_slope: the LeakyReLU negative slope for ``rescue="leaky"``.
         rescue_seed: seeds the recycled weights (``rescue_seed + step``), identical on every rank.
@@ -110,7 +135,13 @@ class HealthMonitor(CallbackBase):
         neuron_dim: int | dict[str, int] | None = None,
         saturation_margin: float = 0.01,
         max_points: int = 4096,
+        max_overhead: float | None = None,
+        burst_steps: int = 10,
+        compile_reductions: bool = False,
         verbose: bool = True,
+        writer: Any = None,
+        dashboard: bool = True,
+        heatmap_every_n_samples: int | None = 10,
         dormant_threshold: float | None = 0.025,
         rescue: RescueMode | None = None,
         rescue_every: int = 10,
@@ -145,10 +176,30 @@ class HealthMonitor(CallbackBase):
         ):
             raise ValueError(f"Expected `saturation_margin` to be a fraction in (0, 0.5), got {saturation_margin!r}")
         self.saturation_margin = float(saturation_margin)
+        if max_overhead is not None and (
+            isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float)) or not 0 < max_overhead < 1
+        ):
+            raise ValueError(
+                f"Expected `max_overhead` to be None or a fraction in (0, 1) like 0.01, got {max_overhead!r}"
+            )
+        self.max_overhead = None if max_overhead is None else float(max_overhead)
+        self.burst_steps = _positive_int("burst_steps", burst_steps, minimum=0)
+        if not isinstance(compile_reductions, bool):
+            raise TypeError(f"Expected `compile_reductions` to be a bool, got {compile_reductions!r}")
+        self.compile_reductions = compile_reductions
+        self._schedule = SamplingSchedule(self.every_n_steps, self.max_overhead, self.burst_steps)
         self.verbose = bool(verbose)
+        if writer is not None and not isinstance(writer, (str, os.PathLike)) and not hasattr(writer, "add_scalar"):
+            raise TypeError(f"Expected `writer` to be a SummaryWriter or a log directory, got {writer!r}")
+        self.writer = writer
+        self.dashboard = bool(dashboard)
+        if heatmap_every_n_samples is not None:
+            _positive_int("heatmap_every_n_samples", heatmap_every_n_samples)
+        self.heatmap_every_n_samples = heatmap_every_n_samples
         self._history = History(_positive_int("max_points", max_points, minimum=16))
         self._findings = FindingLog()
         self._last_units: dict[str, tuple[int | None, int]] = {}
+        self._layer_names: list[str] = []
         self._pending_state: dict[str, Any] | None = None
         self.rescue_settings = RescueSettings(
             rescue, rescue_every, dormant_threshold, rescue_init, leaky_slope, rescue_seed
@@ -166,7 +217,12 @@ class HealthMonitor(CallbackBase):
         self._param_norms: torch.Tensor | None = None
         self._armed_step: int | None = None
         self._rectifiers: set[str] = set()
+        # optimizer-step timing, for the overhead budget: (step, start time, was it sampled)
+        self._timed: tuple[int, float, bool] | None = None
+        self._sampled_seconds = math.nan
+        self._idle_seconds = math.nan
         self._host_edges: dict[str, tuple[float, ...]] = {}
+        self._samples_published = 0
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -186,9 +242,14 @@ class HealthMonitor(CallbackBase):
 
     # -- public API ------------------------------------------------------------------------------
     @property
+    def sampling_interval(self) -> int:
+        """The current interval between sampled steps (changes only with ``max_overhead``)."""
+        return self._schedule.interval
+
+    @property
     def monitored_layers(self) -> list[str]:
-        """Qualified names of the modules being read (empty before fit starts)."""
-        return [layer.name for layer in self._capture.layers] if self._capture else []
+        """Qualified names of the modules being read (empty before fit starts; kept after it ends)."""
+        return list(self._layer_names)
 
     def curves(self, metric: str) -> dict[str, list[tuple[int, float]]]:
         """Every reading of ``metric`` per layer over the whole run, as ``(global_step, value)``."""
@@ -218,7 +279,7 @@ class HealthMonitor(CallbackBase):
 
     def report(self, title: str = "HealthMonitor") -> HealthReport:
         """The per-layer chart and findings as data (see :mod:`lightning_health.report`)."""
-        names = self.monitored_layers or sorted({layer for m in self._history.metrics() for layer in self.curves(m)})
+        names = self.monitored_layers or sorted(self.curves("act_std"))
         latest = {name: self._history.latest(name) for name in names}
         steps = [pts[-1][0] for m in self._history.metrics() for pts in self.curves(m).values() if pts]
         return HealthReport.from_latest(title, max(steps, default=0), latest, self.diagnose(), self._last_units)
@@ -258,15 +319,18 @@ class HealthMonitor(CallbackBase):
             grad_edges=grad_edges,
             histogram_samples=self.histogram_samples,
             saturation_margin=self.saturation_margin,
+            compile_reductions=self.compile_reductions,
         )
         self._accumulator = Accumulator(self._capture, self.dead_window, self.rescue_settings.dormant_threshold)
         self._findings = (
             FindingLog([layer.name for layer in chosen]) if not self._findings.findings() else self._findings
         )
         self._rectifiers = {layer.name for layer in chosen if layer.profile.rectifier}
+        self._layer_names = [layer.name for layer in chosen]
         self._param_groups = layer_param_groups([(n, m) for n, m in pl_module.named_modules() if n])
         if rank_zero(trainer):
-            self._sinks = SinkSet(sinks_for(getattr(trainer, "loggers", [])))
+            self._sinks = SinkSet(sinks_for(getattr(trainer, "loggers", []), writer=self.writer))
+            self._sinks.start(self.settings(), [layer.name for layer in chosen])
         self._capture.attach()
         refused = self._rescuer.bind(pl_module, self._capture, self._accumulator)
         if refused and rank_zero(trainer):
@@ -305,6 +369,7 @@ class HealthMonitor(CallbackBase):
             self._pending_state = {"accumulator": self._accumulator.state_dict()}
         self._capture = None
         self._accumulator = None
+        self._sinks.close()
         self._sinks = SinkSet([])
         self._param_groups = []
         self._param_norms = None
@@ -319,13 +384,34 @@ class HealthMonitor(CallbackBase):
         capture = self._capture
         if capture is None:
             return
-        if self._armed_step is None and is_sampled(trainer.global_step, self.every_n_steps):
+        self._time_step(trainer.global_step)
+        if self._armed_step is None and self._schedule.should_sample(trainer.global_step):
             self._armed_step = trainer.global_step
+            if self._timed is not None:
+                self._timed = (self._timed[0], self._timed[1], True)
             capture.reset()
             capture.grad_scale = grad_scale_tensor(trainer)
             capture.mode = Mode.TRAIN
         if self._armed_step is not None:
             capture.new_batch()
+
+    def _time_step(self, step: int) -> None:
+        """Time optimizer steps start to start; a sampled step's time includes the monitor's work."""
+        if self._timed is not None and self._timed[0] == step:
+            return  # another micro-batch of the same optimizer step
+        now = time.perf_counter()
+        if self._timed is not None and step == self._timed[0] + 1 and self._timed[0] > 0:  # step 0 is warm-up
+            seconds = now - self._timed[1]
+            if self._timed[2]:
+                self._sampled_seconds = seconds
+            else:
+                idle = self._idle_seconds
+                self._idle_seconds = seconds if math.isnan(idle) else 0.8 * idle + 0.2 * seconds
+        self._timed = (step, now, False)
+
+    @override
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self._timed = None  # a validation pass between two steps is not training time
 
     @override
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
@@ -349,8 +435,13 @@ class HealthMonitor(CallbackBase):
         assert capture is not None and accumulator is not None and step is not None
         capture.mode = Mode.OFF
         self._armed_step = None
+        timing = None
+        if self.max_overhead is not None:  # synced with max so every rank picks the same interval
+            device = accumulator.device()
+            timing = torch.empty(2, dtype=torch.float64, device=device)
+            timing[0], timing[1] = self._sampled_seconds, self._idle_seconds  # fills, no host-to-device copy
         try:
-            readings, norms = accumulator.finish_train_step(self._param_norms, step=step)
+            readings, norms, shared = accumulator.finish_train_step(self._param_norms, timing, step=step)
         finally:
             capture.reset()
             self._param_norms = None
@@ -359,6 +450,10 @@ class HealthMonitor(CallbackBase):
         for (name, _params), value in zip(self._param_groups, norms):
             scalars[f"health/param_grad_norm/{name}"] = value
             self._history.add(step, "param_grad_norm", name, value)
+        if shared:
+            self._schedule.after_sample(step, shared[0], shared[1])
+            scalars["health/sampling_interval"] = float(self._schedule.interval)
+            self._history.add(step, "sampling_interval", "", float(self._schedule.interval))
         self._sinks.write(step, scalars, histograms)
         order = [capture.layers[i].name for i in capture.forward_order]
         with_grad = [name for name in order if "grad_std" in snapshot.get(name, {})]
@@ -371,6 +466,7 @@ class HealthMonitor(CallbackBase):
             window=self.dead_window,
         )
         self._react(trainer, self._findings.record(found, checked, step), step)
+        self._publish(step)
 
     def _tabulate(
         self, step: int, readings: list[LayerReading], capture: Capture
@@ -407,7 +503,7 @@ class HealthMonitor(CallbackBase):
 
     def _rescue(self, trainer: Any, step: int) -> dict[str, float]:
         """Apply the rescue on a due step, on every rank (the masks are synced); the scalars to log."""
-        if not self._rescuer.due(step, self.every_n_steps):
+        if not self._rescuer.due():
             return {}
         events, skipped = self._rescuer.apply(step, list(getattr(trainer, "optimizers", [])))
         for event in events:
@@ -462,9 +558,14 @@ class HealthMonitor(CallbackBase):
             scalars[f"health/val_dead_fraction/{layer.name}"] = value
             self._history.add(step, "val_dead_fraction", layer.name, value)
             snapshot[layer.name] = {"val_dead_fraction": value, "dead_units": dead, "units": units}
+            nonfinite = self._history.latest(layer.name).get("nonfinite")
+            if nonfinite:
+                snapshot[layer.name]["nonfinite"] = nonfinite
         self._sinks.write(step, scalars, {})
         found, checked = evaluate(step, snapshot, self.thresholds, rectifiers=self._rectifiers)
         self._react(trainer, self._findings.record(found, checked, step), step)
+        if self.dashboard:
+            self._sinks.findings(step, self.diagnose())
 
     # -- reacting and reporting ------------------------------------------------------------------------
     def _react(self, trainer: Any, escalated: list[Finding], step: int) -> None:
@@ -472,8 +573,10 @@ class HealthMonitor(CallbackBase):
         if not critical:
             return
         lines = "\n".join(f"  {f}\n    hint: {f.hint}" for f in critical)
+        burst = self._schedule.start_burst(step)
         if rank_zero(trainer) and self.verbose:
-            print(f"HealthMonitor: critical finding(s) at step {step}:\n{lines}", flush=True)
+            more = f"\n  sampling every step until step {self._schedule.burst_until}" if burst else ""
+            print(f"HealthMonitor: critical finding(s) at step {step}:\n{lines}{more}", flush=True)
         if self.on_critical == "raise":
             raise HealthCriticalError(f"critical health finding(s) at step {step}:\n{lines}")
         if self.on_critical == "stop":
@@ -482,6 +585,47 @@ class HealthMonitor(CallbackBase):
                 print(f"HealthMonitor: stopping the run at step {step} (on_critical='stop').", flush=True)
         elif rank_zero(trainer):
             warnings.warn(f"critical health finding(s) at step {step}:\n{lines}", RuntimeWarning, stacklevel=2)
+
+    # -- dashboards -----------------------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """The monitor's settings as plain values (what goes into a W&B run's config)."""
+        return {
+            "every_n_steps": self.every_n_steps,
+            "layers_spec": repr(self.layers),
+            "dead_window": self.dead_window,
+            "histogram_bins": self.histogram_bins,
+            "histogram_samples": self.histogram_samples,
+            "log_histograms": self.log_histograms,
+            "on_critical": self.on_critical,
+            "saturation_margin": self.saturation_margin,
+            "max_overhead": self.max_overhead,
+            "burst_steps": self.burst_steps,
+            "compile_reductions": self.compile_reductions,
+            "thresholds": dataclasses.asdict(self.thresholds),
+            "dashboard": self.dashboard,
+            "heatmap_every_n_samples": self.heatmap_every_n_samples,
+            **dataclasses.asdict(self.rescue_settings),
+        }
+
+    def _publish(self, step: int, final: bool = False) -> None:
+        """Findings (when they changed) and, every so often, the heatmap; no work without a sink for them."""
+        if not self.dashboard or not self._sinks.sinks:
+            return
+        self._sinks.findings(step, self.diagnose())
+        self._samples_published += not final
+        every = self.heatmap_every_n_samples
+        if every and self._sinks.takes_images and (final or self._samples_published % every == 0):
+            curves = self.curves("dead_fraction")
+            if curves:
+                self._sinks.image(step, HEATMAP_TAG, render_heatmap(curves, self.monitored_layers))
+
+    @override
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if not self._sinks.sinks:
+            return
+        step = trainer.global_step
+        self._publish(step, final=True)
+        self._sinks.finish(step, run_summary(self.curves("dead_fraction"), self.diagnose(), self.monitored_layers))
 
     @override
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
@@ -495,6 +639,8 @@ class HealthMonitor(CallbackBase):
             "history": self._history.state_dict(),
             "findings": self._findings.state_dict(),
             "last_units": {k: list(v) for k, v in self._last_units.items()},
+            "layers": list(self._layer_names),
+            "schedule": self._schedule.state_dict(),
             "rescues": self._rescuer.state_dict(),
             "accumulator": (
                 self._accumulator.state_dict()
@@ -508,7 +654,9 @@ class HealthMonitor(CallbackBase):
         self._history.load_state_dict(state_dict.get("history", {}))
         self._findings.load_state_dict(state_dict.get("findings", []))
         self._last_units = {k: (v[0], v[1]) for k, v in state_dict.get("last_units", {}).items()}
-        self._rescuer.load_state_dict(state_dict.get("rescues", []))  # replays `leaky` swaps when set up
+        self._layer_names = self._layer_names or list(state_dict.get("layers", []))
+        self._schedule.load_state_dict(state_dict.get("schedule", {}))
+        self._rescuer.load_state_dict(state_dict.get("rescues", {}))  # replays `leaky` swaps when set up
         accumulator_state = state_dict.get("accumulator", {})
         if self._accumulator is not None:
             self._accumulator.load_state_dict(accumulator_state)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from lightning_health import kernels
 from lightning_health import reductions as R
 from lightning_health.dormancy import unit_abs_sums, unit_counts
 from lightning_health.selection import MonitoredLayer, activation_profile
@@ -94,6 +95,8 @@ class Capture:
         grad_edges: histogram edges for activation gradients (shared by all layers).
         histogram_samples: the strided sample size each histogram is built from.
         saturation_margin: see :func:`lightning_health.reductions.activation_totals`.
+        compile_reductions: compute the activation and gradient totals with the fused kernels of
+            :mod:`lightning_health.kernels` instead of eager ops.
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class Capture:
         grad_edges: Tensor | None,
         histogram_samples: int,
         saturation_margin: float,
+        compile_reductions: bool = False,
     ) -> None:
         self.layers = list(layers)
         self.buffers = [StepBuffers() for _ in self.layers]
@@ -113,6 +117,8 @@ class Capture:
         self.grad_edges = grad_edges
         self._samples = histogram_samples
         self._margin = saturation_margin
+        self._compiled = compile_reductions
+        self._thresholds: dict[tuple[int, torch.device], Tensor] = {}  # fused-kernel saturation thresholds
         self._handles: list[RemovableHandle] = []
         self._broken: set[int] = set()
         self.track_abs = False  # also sum |activation| per unit on training steps (dormancy readings)
@@ -192,7 +198,7 @@ class Capture:
             return
         if index not in self.forward_order:
             self.forward_order.append(index)
-        totals = R.activation_totals(y, layer.profile.bounds, self._margin)
+        totals = self._activation_totals(index, y)
         buf.act = totals if buf.act is None else R.combine_activation_totals(buf.act, totals)
         if self.act_edges is not None:
             hist = R.histogram_counts(R.histogram_sample(y, self._samples), self.act_edges[layer.name])
@@ -202,6 +208,15 @@ class Capture:
             same = prev_sums is not None and prev_sums.shape == sums.shape
             buf.abs_sums[slot] = prev_sums + sums if same else sums  # type: ignore[operator]
             buf.abs_counts[slot] = (buf.abs_counts[slot] if same else 0) + unit_counts(y, dim)
+
+    def _activation_totals(self, index: int, y: Tensor) -> Tensor:
+        bounds = self.layers[index].profile.bounds
+        if not self._compiled:
+            return R.activation_totals(y, bounds, self._margin)
+        key = (index, y.device)
+        if key not in self._thresholds:
+            self._thresholds[key] = kernels.saturation_thresholds(bounds, self._margin, y.device)
+        return kernels.activation_totals(y, self._thresholds[key])
 
     def _make_grad_hook(self, index: int) -> Any:
         def grad_hook(grad: Tensor) -> None:
@@ -225,7 +240,7 @@ class Capture:
         g = grad.detach()
         if self.grad_scale is not None:
             g = g.float() / self.grad_scale.to(g.device)
-        totals = R.gradient_totals(g)
+        totals = kernels.gradient_totals(g) if self._compiled else R.gradient_totals(g)
         buf.grad = totals if buf.grad is None else R.combine_gradient_totals(buf.grad, totals)
         if self.grad_edges is not None:
             hist = R.histogram_counts(R.histogram_sample(g, self._samples), self.grad_edges)

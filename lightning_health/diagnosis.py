@@ -165,8 +165,8 @@ def evaluate(
             ("val_dead_fraction", "the whole validation pass"),
         ):
             dead = r.get(key)
-            if dead is None or (rect is not None and layer not in rect):
-                continue
+            if dead is None or (rect is not None and layer not in rect) or r.get("nonfinite", 0) > 0:
+                continue  # a layer full of NaN is broken, not silent: neither raise nor clear `dead`
             checked.add((layer, "dead"))
             if dead > thresholds.dead_warning:
                 severity: Severity = "critical" if dead > thresholds.dead_critical else "warning"

@@ -97,12 +97,11 @@ def dormant_scores(abs_sums: Tensor, counts: Tensor | int | float) -> Tensor:
 
     Returns:
         A float64 vector of scores on ``abs_sums``' device; the scores of the finite units average
-        to 1. Edge cases, decided without leaving the device:
-
-        * a unit whose sum is NaN/Inf, or whose count is 0, scores NaN (no evidence either way) and
-          is left out of the layer average, so one NaN does not hide the rest of the layer;
-        * when every finite unit's mean is 0 (a layer that is entirely silent) every finite unit
-          scores 0, so it is dormant for every ``tau >= 0``.
+        to 1. Edge cases, decided without leaving the device: a unit whose sum is NaN/Inf, or
+        whose count is 0, scores NaN (no evidence either way) and is left out of the layer
+        average, so one NaN does not hide the rest of the layer; when every finite unit's mean is
+        0 (a layer that is entirely silent) every finite unit scores 0, so it is dormant for every
+        ``tau >= 0``.
 
     Raises:
         ValueError: if ``counts`` is a negative number.

@@ -30,9 +30,12 @@ class LayerRow:
     units: int | None = None
     dead_fraction: float | None = None
     saturation: float | None = None
+    broken: bool = False  # the layer's latest outputs held NaN/Inf
 
     def cells(self) -> list[str]:
-        if self.dead_units is not None and self.units:
+        if self.broken:
+            dead = "nan"  # NaN units are neither alive nor dead: the nonfinite finding explains them
+        elif self.dead_units is not None and self.units:
             dead = f"{self.dead_units}/{self.units}"
         elif self.dead_fraction is not None:
             dead = f"{100 * self.dead_fraction:.0f}%"
@@ -94,6 +97,7 @@ class HealthReport:
                     units=total or None,
                     dead_fraction=frac,
                     saturation=r.get("saturation"),
+                    broken=bool(r.get("nonfinite")),
                 )
             )
         return cls(title=title, step=step, rows=rows, findings=list(findings))

@@ -99,6 +99,7 @@ class Rescuer:
     def __init__(self, settings: RescueSettings) -> None:
         self.settings = settings
         self.events: list[RescueEvent] = []
+        self.sampled = 0  # sampled steps finished so far (the rescue cadence counts these)
         self._unbind()
 
     def _unbind(self) -> None:
@@ -109,10 +110,10 @@ class Rescuer:
         self._skipped: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:  # the callback is pickled by ddp_spawn: no module references
-        return {"settings": self.settings, "events": list(self.events)}
+        return {"settings": self.settings, "events": list(self.events), "sampled": self.sampled}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.settings, self.events = state["settings"], state["events"]
+        self.settings, self.events, self.sampled = state["settings"], state["events"], state["sampled"]
         self._unbind()
 
     # -- lifetime ------------------------------------------------------------------------------------
@@ -164,10 +165,14 @@ class Rescuer:
                 self._accumulator.reset_layer(index[name])
 
     # -- during training ---------------------------------------------------------------------------
-    def due(self, step: int, every_n_steps: int) -> bool:
-        """Whether the sampled ``step`` is a rescue step: every ``rescue_every``-th sampled step, not step 0."""
-        sampled = step // every_n_steps
-        return self._policy is not None and step > 0 and sampled % self.settings.rescue_every == 0
+    def due(self) -> bool:
+        """Count one finished sampled step; whether it is a rescue step (every ``rescue_every``-th one).
+
+        Sampled steps are counted, not optimizer steps, so the cadence follows the monitor's
+        schedule (an adaptive interval, or a burst of dense sampling after a critical finding).
+        """
+        self.sampled += 1
+        return self._policy is not None and self.sampled % self.settings.rescue_every == 0
 
     def apply(self, step: int, optimizers: Sequence[torch.optim.Optimizer]) -> tuple[list[RescueEvent], list[str]]:
         """Rescue every target layer whose window is full; every rank must call this at the same step.
@@ -194,11 +199,11 @@ class Rescuer:
             if mask is not None:
                 masks[layer.name] = mask
         events = policy.apply(model, masks, step, optimizers)
-        index = {layer.name: i for i, layer in enumerate(capture.layers)}
+        position = {layer.name: i for i, layer in enumerate(capture.layers)}
         for event in events:
             if event.action == "leaky":
-                capture.replace(index[event.layer], model.get_submodule(event.layer))
-            accumulator.reset_layer(index[event.layer])  # the old evidence describes the old units
+                capture.replace(position[event.layer], model.get_submodule(event.layer))
+            accumulator.reset_layer(position[event.layer])  # the old evidence describes the old units
         self.events += events
         return events, newly_skipped
 
@@ -208,12 +213,13 @@ class Rescuer:
         return {f"health/rescued_units/{e.layer}": float(len(e.units)) for e in events}
 
     # -- checkpoints -------------------------------------------------------------------------------
-    def state_dict(self) -> list[dict[str, Any]]:
-        return [_event_state(e) for e in self.events]
+    def state_dict(self) -> dict[str, Any]:
+        return {"events": [_event_state(e) for e in self.events], "sampled": self.sampled}
 
-    def load_state_dict(self, state: Sequence[Mapping[str, Any]]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the events and, when already bound to a model, replay the ``leaky`` swaps now."""
-        self.events = [_event_from_state(s) for s in state]
+        self.events = [_event_from_state(s) for s in state.get("events", [])]
+        self.sampled = int(state.get("sampled", 0))
         if self._model is not None:
             swapped = self.replay(self._model)
             self.moved_hooks(swapped)

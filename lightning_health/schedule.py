@@ -1,10 +1,24 @@
-"""When to sample: a pure function of the optimizer step (``trainer.global_step``).
+"""When to sample: a function of the optimizer step (``trainer.global_step``) and a little state.
 
-Steps ``0, N, 2N, ...`` are sampled, so readings from different runs, and from every DDP rank,
-land on the same steps without any communication.
+By default steps ``0, N, 2N, ...`` are sampled, so readings from different runs, and from every DDP
+rank, land on the same steps without any communication.
+
+Two refinements, both decided from numbers that are identical on every rank (they ride in the
+step's one synced vector), so ranks never disagree about which step is sampled:
+
+- **Overhead budget** (``max_overhead``): after each sampled step the interval is set so that the
+  sampled step's extra time, spread over the interval, stays within the budget, e.g. 1% of the
+  plain step time. The interval starts at ``every_n_steps``.
+- **Bursts**: when a finding turns critical or a non-finite value appears, every step is sampled
+  for ``burst_steps`` steps, so the moment things broke is recorded in detail.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Any
+
+MAX_INTERVAL = 1_000_000
 
 
 def validate_every_n_steps(every_n_steps: object) -> int:
@@ -19,10 +33,77 @@ def validate_every_n_steps(every_n_steps: object) -> int:
 
 
 def is_sampled(step: int, every_n_steps: int) -> bool:
-    """Whether optimizer step ``step`` is read.
+    """Whether optimizer step ``step`` is read on the fixed cadence.
 
     Example:
         >>> [s for s in range(7) if is_sampled(s, 3)]
         [0, 3, 6]
     """
     return step % every_n_steps == 0
+
+
+def budget_interval(sampled_seconds: float, idle_seconds: float, max_overhead: float) -> int | None:
+    """The smallest interval whose amortised sampling cost stays within ``max_overhead``.
+
+    A sampled step costs ``sampled_seconds - idle_seconds`` more than a plain one; spread over an
+    interval of k steps that is ``extra / (k * idle_seconds)`` of the training time.
+
+    Example:
+        >>> budget_interval(sampled_seconds=0.15, idle_seconds=0.10, max_overhead=0.01)
+        50
+    """
+    if not (math.isfinite(sampled_seconds) and math.isfinite(idle_seconds)) or idle_seconds <= 0:
+        return None
+    extra = max(sampled_seconds - idle_seconds, 0.0)
+    k = math.ceil(extra / (max_overhead * idle_seconds) - 1e-9)
+    return int(min(max(k, 1), MAX_INTERVAL))
+
+
+class SamplingSchedule:
+    """Which optimizer steps are read.
+
+    Args:
+        every_n_steps: the cadence (and, with a budget, the starting interval).
+        max_overhead: ``None`` for the fixed cadence, or the fraction of training time the
+            monitor may cost (e.g. ``0.01``).
+        burst_steps: how many consecutive steps to sample after trouble (0 disables bursts).
+    """
+
+    def __init__(self, every_n_steps: int, max_overhead: float | None = None, burst_steps: int = 0) -> None:
+        self.every_n_steps = every_n_steps
+        self.max_overhead = max_overhead
+        self.burst_steps = burst_steps
+        self.interval = every_n_steps
+        self.next_step = 0
+        self.burst_until = -1
+
+    def should_sample(self, step: int) -> bool:
+        if step <= self.burst_until:
+            return True
+        if self.max_overhead is None:
+            return is_sampled(step, self.every_n_steps)
+        return step >= self.next_step
+
+    def after_sample(self, step: int, sampled_seconds: float, idle_seconds: float) -> None:
+        """Set the next sampled step from the measured cost (budget mode only)."""
+        if self.max_overhead is None:
+            return
+        interval = budget_interval(sampled_seconds, idle_seconds, self.max_overhead)
+        if interval is not None:
+            self.interval = interval
+        self.next_step = step + self.interval
+
+    def start_burst(self, step: int) -> bool:
+        """Sample every step after ``step`` for ``burst_steps`` steps. Returns whether a burst started."""
+        if self.burst_steps <= 0 or step < self.burst_until:
+            return False
+        self.burst_until = step + self.burst_steps
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"interval": self.interval, "next_step": self.next_step, "burst_until": self.burst_until}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.interval = int(state.get("interval", self.interval))
+        self.next_step = int(state.get("next_step", self.next_step))
+        self.burst_until = int(state.get("burst_until", self.burst_until))

@@ -278,3 +278,10 @@ def test_checkpoint_resume_continues_the_same_curves(tmp_path):
     assert steps == [0, 2, 4, 6, 8]
     # the dead window carried over: a reading at step 6 needs 4 sampled batches (0, 2, 4, 6)
     assert [s for s, _ in resumed.curves("dead_fraction")["net.1"]] == [6, 8]
+
+
+def test_chart_marks_nan_layers_instead_of_calling_them_alive(capsys):
+    monitor = HealthMonitor(every_n_steps=1, burst_steps=0)
+    _fit(PatientMLP("normal", 0.8), monitor, epochs=2)
+    rows = {row.layer: row.cells() for row in monitor.report().rows}
+    assert rows["net.3"][1] == "nan" and rows["net.3"][5] == "nan"

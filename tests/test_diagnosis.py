@@ -21,7 +21,8 @@ def test_default_thresholds():
 def test_each_rule_fires_at_its_threshold():
     readings = {
         "a": {"dead_fraction": 0.25, "act_std": 1.0, "grad_std": 1e-2, "saturation": 0.0, "nonfinite": 0},
-        "b": {"dead_fraction": 0.6, "act_std": 1e-4, "grad_std": 20.0, "saturation": 0.5, "nonfinite": 3},
+        "b": {"dead_fraction": 0.6, "act_std": 1e-4, "grad_std": 20.0, "saturation": 0.5, "nonfinite": 0},
+        "c": {"nonfinite": 3, "grad_nonfinite": 1},
         "out": {"act_std": 1.0, "grad_std": 1e-2},
     }
     found, _ = evaluate(7, readings, Thresholds(), output_layer="out")
@@ -31,7 +32,7 @@ def test_each_rule_fires_at_its_threshold():
         ("b", "collapsed", "warning"),
         ("b", "exploding_gradient", "critical"),
         ("b", "saturated", "warning"),
-        ("b", "nonfinite", "critical"),
+        ("c", "nonfinite", "critical"),
     }
     assert all(f.step == 7 and f.hint for f in found)
 
@@ -93,3 +94,13 @@ def test_resolved_findings_stay_in_the_record():
 def test_bad_thresholds_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Thresholds(**kwargs)
+
+
+def test_a_layer_that_turns_nan_keeps_its_dead_finding_open():
+    curves = {
+        "dead_fraction": {"l": [(2, 0.6), (3, 0.0)]},
+        "nonfinite": {"l": [(2, 0), (3, 256)]},
+    }
+    findings = {f.kind: f for f in diagnose_curves(curves)}
+    assert findings["dead"].active and findings["dead"].step == 2
+    assert findings["nonfinite"].step == 3

@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lightning_health.sinks.base import Histogram
+from lightning_health.sinks.base import Histogram, SinkBase
 
 
-class ScalarSink:
-    """Writes ``health/<metric>/<layer>`` scalars at the sampled global step; ignores histograms."""
+class ScalarSink(SinkBase):
+    """Writes ``health/<metric>/<layer>`` scalars at the sampled global step; ignores everything else.
+
+    This is what CSV, MLflow, Neptune, Comet and any custom Lightning logger get: nothing here asks a
+    logger for more than ``log_metrics``.
+    """
 
     def __init__(self, logger: Any) -> None:
         self.logger = logger

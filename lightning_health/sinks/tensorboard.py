@@ -1,17 +1,45 @@
-"""TensorBoard: scalars through the logger, histograms with ``add_histogram_raw`` from counts.
+"""TensorBoard: scalars, histograms from device-binned counts, the diagnosis panel, findings, heatmap.
 
-No raw activation reaches the host: histograms arrive as device-binned counts. NaN/Inf values are
-counted separately (``add_histogram`` would raise on them) and out-of-range values sit in two open
-end buckets, so nothing is dropped.
+Works with Lightning's ``TensorBoardLogger`` (scalars through its ``log_metrics``, the rest through
+its ``experiment``, a ``SummaryWriter``) and with a plain ``SummaryWriter`` the user passes to
+``HealthMonitor(writer=...)`` (everything through the writer).
+
+No raw activation reaches the host: histograms arrive as counts binned on the device against fixed
+edges. NaN/Inf values are counted separately and never passed to TensorBoard (``add_histogram``
+raises on NaN); values outside the edges sit in two open-end buckets, so nothing is dropped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from lightning_health.sinks.base import Histogram
-from lightning_health.sinks.generic import ScalarSink
+from lightning_health.sinks.base import Histogram, SinkBase
+from lightning_health.sinks.format import findings_markdown
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from lightning_health.diagnosis import Finding
+
+# The diagnosis panel: one multiline chart per metric, every layer overlaid, most telling first.
+PANEL_CHARTS = (
+    ("dead fraction", "dead_fraction"),
+    ("saturation", "saturation"),
+    ("activation std", "act_std"),
+    ("gradient std", "grad_std"),
+)
+MORE_CHARTS = (
+    ("validation dead fraction", "val_dead_fraction"),
+    ("zero fraction", "zero_fraction"),
+    ("activation mean", "act_mean"),
+    ("activation gradient norm", "grad_norm"),
+    ("parameter gradient norm", "param_grad_norm"),
+    ("non-finite activations", "nonfinite"),
+)
+FINDINGS_TAG = "health/findings"
 
 
 def is_tensorboard_logger(logger: Any) -> bool:
@@ -19,42 +47,102 @@ def is_tensorboard_logger(logger: Any) -> bool:
     return any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__)
 
 
+def tag_prefix(logger: Any) -> str:
+    """What a Lightning logger puts before every metric name (``TensorBoardLogger(prefix=...)``)."""
+    prefix = getattr(logger, "_prefix", "") or ""
+    return f"{prefix}{getattr(logger, 'LOGGER_JOIN_CHAR', '-')}" if prefix else ""
+
+
+def panel_layout(prefix: str = "") -> dict[str, dict[str, list[Any]]]:
+    """The custom-scalars layout: ``{category: {chart title: ["Multiline", [tag regex]]}}``."""
+    start = "^" + re.escape(prefix)
+
+    def charts(spec: Sequence[tuple[str, str]]) -> dict[str, list[Any]]:
+        return {title: ["Multiline", [rf"{start}health/{metric}/"]] for title, metric in spec}
+
+    return {"health: diagnosis panel": charts(PANEL_CHARTS), "health: more": charts(MORE_CHARTS)}
+
+
 def raw_histogram_args(hist: Histogram) -> dict[str, Any]:
     """Arguments for ``SummaryWriter.add_histogram_raw`` from our counts.
 
-    TensorBoard buckets are ``(limit[i-1], limit[i]]``; the open ends get limits one bin-width
-    beyond the edges so they stay visible without inventing a data range.
+    TensorBoard buckets are ``(limit[i-1], limit[i]]``. Our ``B`` bins keep their edges; the two
+    open ends become one extra bucket on each side, a bin-width wide, so out-of-range values stay
+    visible without inventing a data range. The nonfinite count is left out (it is logged as the
+    ``nonfinite`` scalars), and ``min``/``max`` span the buckets that hold values. ``sum`` and
+    ``sum_squares`` are estimated from bucket centres (the exact moments are the scalar readings).
     """
-    edges, counts = list(hist.edges), list(hist.counts[:-1])  # drop the nonfinite count
-    left_pad = edges[1] - edges[0]
-    right_pad = edges[-1] - edges[-2]
-    limits = [edges[0], *edges[1:], edges[-1] + right_pad]
-    # bucket 0 (below) is reported as (edges[0] - pad, edges[0]]
-    centers = (
-        [edges[0] - left_pad / 2] + [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])] + [edges[-1] + right_pad / 2]
-    )
-    num = sum(counts)
+    edges, counts = list(hist.edges), [float(c) for c in hist.counts[:-1]]  # drop the nonfinite count
+    if len(counts) != len(edges) + 1:
+        raise ValueError(f"Expected {len(edges) + 1} counts for {len(edges)} edges (plus nonfinite), got {hist.counts}")
+    left_pad, right_pad = edges[1] - edges[0], edges[-1] - edges[-2]
+    # bucket 0 (below) is (edges[0] - pad, edges[0]]; bucket B+1 (above) is (edges[-1], edges[-1] + pad]
+    limits = [*edges, edges[-1] + right_pad]
+    lows = [edges[0] - left_pad, *edges]
+    centres = [(lo + hi) / 2 for lo, hi in zip(lows, limits)]
     used = [i for i, c in enumerate(counts) if c > 0]
-    lo = edges[0] - left_pad if not used else (edges[0] - left_pad if used[0] == 0 else edges[used[0] - 1])
-    hi = limits[-1] if not used else limits[used[-1]]
+    num = sum(counts)
     return {
-        "min": float(lo),
-        "max": float(hi),
+        "min": float(lows[used[0]]) if used else float(lows[0]),
+        "max": float(limits[used[-1]]) if used else float(limits[-1]),
         "num": int(num),
-        "sum": float(sum(c * x for c, x in zip(counts, centers))),
-        "sum_squares": float(sum(c * x * x for c, x in zip(counts, centers))),
+        "sum": float(sum(c * x for c, x in zip(counts, centres))),
+        "sum_squares": float(sum(c * x * x for c, x in zip(counts, centres))),
         "bucket_limits": [float(x) for x in limits],
-        "bucket_counts": [float(c) for c in counts],
+        "bucket_counts": counts,
     }
 
 
-class TensorBoardSink(ScalarSink):
-    """Scalars via ``log_metrics`` plus ``health/activations/<layer>`` and ``health/gradients/<layer>``."""
+class TensorBoardSink(SinkBase):
+    """Everything the TensorBoard dashboard shows.
+
+    Args:
+        logger: a Lightning ``TensorBoardLogger`` (scalars go through its ``log_metrics``).
+        writer: a ``SummaryWriter`` to write to directly (when there is no logger).
+        owns_writer: close the writer at the end (it was created for this run from a path).
+    """
+
+    takes_images = True
+
+    def __init__(self, logger: Any = None, writer: Any = None, owns_writer: bool = False) -> None:
+        if (logger is None) == (writer is None):
+            raise ValueError("Expected exactly one of `logger` and `writer` for TensorBoardSink")
+        self.logger = logger
+        self._writer = writer
+        self.owns_writer = owns_writer
+
+    @property
+    def writer(self) -> Any:
+        return self._writer if self._writer is not None else self.logger.experiment
+
+    def start(self, settings: Mapping[str, Any], layers: Sequence[str]) -> None:
+        if settings.get("dashboard", True):
+            self.writer.add_custom_scalars(panel_layout(tag_prefix(self.logger)))
 
     def write(self, step: int, scalars: Mapping[str, float], histograms: Mapping[str, Histogram]) -> None:
-        super().write(step, scalars, histograms)
-        writer = self.logger.experiment
+        if scalars:
+            if self.logger is not None:
+                self.logger.log_metrics(dict(scalars), step=step)
+            else:
+                for tag, value in scalars.items():
+                    self.writer.add_scalar(tag, value, global_step=step)
+        if not histograms:
+            return
+        writer = self.writer
         for tag, hist in histograms.items():
             args = raw_histogram_args(hist)
-            if args["num"] > 0:
-                writer.add_histogram_raw(tag, global_step=step, **args)
+            if args["num"] > 0 and all(math.isfinite(c) for c in args["bucket_counts"]):
+                writer.add_histogram_raw(tag_prefix(self.logger) + tag, global_step=step, **args)
+
+    def findings(self, step: int, findings: Sequence[Finding]) -> None:
+        self.writer.add_text(tag_prefix(self.logger) + FINDINGS_TAG, findings_markdown(step, findings), step)
+
+    def image(self, step: int, tag: str, rgb: np.ndarray) -> None:
+        self.writer.add_image(tag_prefix(self.logger) + tag, rgb, step, dataformats="HWC")
+
+    def finish(self, step: int, summary: Mapping[str, Any]) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.owns_writer and self._writer is not None:
+            self._writer.close()

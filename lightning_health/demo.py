@@ -1,0 +1,105 @@
+"""The demo: train the two patients of :mod:`lightning_health.patients` and say what the monitor found.
+
+The same 8-16-16-16-16-4 ReLU MLP on the same 80 synthetic samples, trained with plain SGD twice:
+healthy (Kaiming initialisation, learning rate 0.05) and sick (N(0, 1) initialisation, learning rate
+0.8). Each run gets a :class:`~lightning_health.HealthMonitor` and its own TensorBoard run under
+``out_dir/<name>``; ``lightning-health demo`` prints each run's chart and findings.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from lightning_health.callback import HealthMonitor
+
+
+@dataclass(frozen=True)
+class Patient:
+    """One dosing of the demo network."""
+
+    name: str
+    init: Literal["kaiming", "normal"]
+    lr: float
+
+    @property
+    def label(self) -> str:
+        """For example ``"sick (N(0,1) init, lr 0.8)"``."""
+        init = "Kaiming init" if self.init == "kaiming" else "N(0,1) init"
+        return f"{self.name} ({init}, lr {self.lr:g})"
+
+
+HEALTHY = Patient("healthy", "kaiming", 0.05)
+SICK = Patient("sick", "normal", 0.8)
+PATIENTS: tuple[Patient, ...] = (HEALTHY, SICK)
+
+
+@dataclass
+class PatientRun:
+    """What one patient's training produced."""
+
+    patient: Patient
+    monitor: HealthMonitor
+    log_dir: str
+    final_loss: float | None
+    steps: int = field(default=0)
+
+
+def train_patient(
+    patient: Patient,
+    out_dir: str | os.PathLike[str],
+    *,
+    epochs: int = 30,
+    batch_size: int = 16,
+    every_n_steps: int = 1,
+    dead_window: int = 2,
+    progress: bool = True,
+    seed: int = 11,
+) -> PatientRun:
+    """Train one patient on the CPU with a HealthMonitor and a TensorBoard run at ``out_dir/<patient.name>``.
+
+    Args:
+        patient: The dosing.
+        out_dir: The TensorBoard log directory holding one run per patient.
+        epochs: Passes over the 80 samples.
+        batch_size: Samples per SGD step (80 / batch_size steps an epoch).
+        every_n_steps: The monitor's sampling interval. The sick patient's disease runs its course in a
+            few steps, so the demo reads every step.
+        dead_window: Sampled batches a unit must stay silent on to count as dead.
+        progress: Show Lightning's progress bar.
+        seed: The initialisation seed (the data is always the same).
+    """
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_health.callback import HealthMonitor
+    from lightning_health.patients import PatientMLP, patient_loaders
+
+    pl.seed_everything(seed, verbose=False)
+    monitor = HealthMonitor(every_n_steps=every_n_steps, dead_window=dead_window, verbose=False)
+    logger = TensorBoardLogger(str(out_dir), name=patient.name, version="", default_hp_metric=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        logger=logger,
+        callbacks=[monitor],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
+    )
+    train_loader, val_loader = patient_loaders(batch_size=batch_size)
+    trainer.fit(PatientMLP(init=patient.init, lr=patient.lr, seed=seed), train_loader, val_loader)
+    loss = trainer.callback_metrics.get("train_loss")
+    return PatientRun(
+        patient=patient,
+        monitor=monitor,
+        log_dir=str(Path(logger.log_dir)),
+        final_loss=float(loss) if loss is not None else None,
+        steps=trainer.global_step,
+    )

@@ -1,0 +1,91 @@
+"""Weights & Biases through Lightning's ``WandbLogger``: scalars, histograms, heatmap, findings table,
+config and summary, so runs can be filtered, grouped and compared in the W&B UI.
+
+Everything goes through the logger's ``log_metrics`` (as Lightning's own ``log_table``/``log_image``
+do), which adds ``trainer/global_step`` to each record; ``health/*`` is defined against that step,
+so health panels line up with the loss curves. Only rank zero has sinks (see ``HealthMonitor.setup``),
+and nothing here talks to other ranks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from lightning_health.sinks.base import Histogram, SinkBase
+from lightning_health.sinks.format import FINDING_COLUMNS, finding_rows
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from lightning_health.diagnosis import Finding
+
+_WANDB_AVAILABLE = importlib.util.find_spec("wandb") is not None
+STEP_METRIC = "trainer/global_step"
+CONFIG_KEY = "lightning_health"
+
+
+def is_wandb_logger(logger: Any) -> bool:
+    """True for Lightning's (or pytorch_lightning's) WandbLogger."""
+    return any(cls.__name__ == "WandbLogger" for cls in type(logger).__mro__)
+
+
+def _wandb() -> Any:
+    if not _WANDB_AVAILABLE:
+        raise ModuleNotFoundError("W&B output needs `wandb`: pip install 'lightning_health[wandb]'")
+    import wandb
+
+    return wandb
+
+
+def wandb_histogram(hist: Histogram) -> Any:
+    """A ``wandb.Histogram`` from device-binned counts: the ``B`` bins plus one open-end bin each side.
+
+    The nonfinite count is left out (it is the ``nonfinite`` scalar).
+    """
+    import numpy as np
+
+    edges = list(hist.edges)
+    edges = [edges[0] - (edges[1] - edges[0]), *edges, edges[-1] + (edges[-1] - edges[-2])]
+    counts = np.asarray(hist.counts[:-1], dtype=np.float64)
+    return _wandb().Histogram(np_histogram=(counts, np.asarray(edges, dtype=np.float64)))
+
+
+class WandbSink(SinkBase):
+    """Writes the health of a run into the logger's W&B run."""
+
+    takes_images = True
+
+    def __init__(self, logger: Any) -> None:
+        self.logger = logger
+
+    @property
+    def run(self) -> Any:
+        return self.logger.experiment
+
+    def start(self, settings: Mapping[str, Any], layers: Sequence[str]) -> None:
+        run = self.run
+        if hasattr(run, "define_metric"):  # Lightning defines "*" the same way; be explicit for health/*
+            run.define_metric(STEP_METRIC)
+            run.define_metric("health/*", step_metric=STEP_METRIC, step_sync=True)
+        run.config.update({CONFIG_KEY: {**settings, "layers": list(layers)}}, allow_val_change=True)
+
+    def write(self, step: int, scalars: Mapping[str, float], histograms: Mapping[str, Histogram]) -> None:
+        record: dict[str, Any] = dict(scalars)
+        for tag, hist in histograms.items():
+            if sum(hist.counts[:-1]) > 0:
+                record[tag] = wandb_histogram(hist)
+        if record:
+            self.logger.log_metrics(record, step=step)
+
+    def findings(self, step: int, findings: Sequence[Finding]) -> None:
+        table = _wandb().Table(columns=list(FINDING_COLUMNS), data=finding_rows(findings))
+        self.logger.log_metrics({"health/findings": table}, step=step)
+
+    def image(self, step: int, tag: str, rgb: np.ndarray) -> None:
+        image = _wandb().Image(rgb, caption=f"dead fraction per layer (rows) over sampled steps, up to step {step}")
+        self.logger.log_metrics({tag: image}, step=step)
+
+    def finish(self, step: int, summary: Mapping[str, Any]) -> None:
+        self.run.summary.update(dict(summary))
