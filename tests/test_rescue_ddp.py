@@ -43,7 +43,11 @@ class CrossRankCheck(pl.Callback):
 
 @pytest.mark.ddp
 def test_every_rank_applies_the_identical_rescue(tmp_path: Path) -> None:
-    monitor = HealthMonitor(every_n_steps=1, dead_window=2, rescue="reinit", rescue_every=4, verbose=False)
+    # dormant_threshold=0: recycle exactly the dead units; a borderline dormant score (tau 0.025) can
+    # flip with the float summation order in the spawned workers and is not what this test is about.
+    monitor = HealthMonitor(
+        every_n_steps=1, dead_window=2, rescue="reinit", rescue_every=4, dormant_threshold=0.0, verbose=False
+    )
     out = tmp_path / "ranks.json"
     strategy = DDPStrategy(start_method="spawn", process_group_backend="gloo", timeout=timedelta(seconds=60))
     trainer = pl.Trainer(
@@ -57,6 +61,7 @@ def test_every_rank_applies_the_identical_rescue(tmp_path: Path) -> None:
     assert result["identical"], "ranks diverged after a rescue"
     rescues = result["rank0"]["rescues"]
     assert [r[0] for r in rescues if r[1] == "net.1"][:1] == [3]
-    assert next(r[2] for r in rescues if r[1] == "net.1") == list(range(32))
+    # every killed unit is recycled; a unit that died on its own in the window may be recycled too
+    assert set(range(32)) <= set(next(r[2] for r in rescues if r[1] == "net.1"))
     dead = dict((s, v) for s, v in result["rank0"]["dead"])
     assert dead[1] >= 0.4 and all(v < 0.1 for s, v in dead.items() if s > 4)
