@@ -68,8 +68,10 @@ class Variant:
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("none", "no monitor", "none", 0),
+    Variant("none+tb", "no monitor, TensorBoard logger", "tensorboard", 0),
     Variant("health@50", "HealthMonitor(every_n_steps=50)", "tensorboard", 50),
     Variant("health@1", "HealthMonitor(every_n_steps=1)", "tensorboard", 1),
+    Variant("health@1c", "HealthMonitor(every_n_steps=1, compile_reductions=True)", "tensorboard", 1),
     Variant("wandb@50", 'wandb.watch(log="all", log_freq=50)', "wandb", 50, phase=1),
     Variant("wandb@1", 'wandb.watch(log="all", log_freq=1)', "wandb", 1),
     Variant("bolts@1", "bolts-style ModuleDataMonitor, every step", "tensorboard", 1),
@@ -83,7 +85,8 @@ def make_callbacks(variant: Variant) -> list[Callback]:
     if variant.name.startswith("health@"):
         from lightning_health import HealthMonitor
 
-        return [HealthMonitor(every_n_steps=variant.cadence, verbose=False)]
+        compiled = variant.name.endswith("c")
+        return [HealthMonitor(every_n_steps=variant.cadence, compile_reductions=compiled, verbose=False)]
     if variant.name.startswith("wandb@"):
         from benchmarks.anchors import WandbWatch
 

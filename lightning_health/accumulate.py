@@ -524,16 +524,32 @@ def layer_param_groups(modules: Sequence[tuple[str, torch.nn.Module]]) -> list[t
     return groups
 
 
-def param_grad_norms(groups: Sequence[tuple[str, list[torch.nn.Parameter]]], device: torch.device) -> Tensor:
-    """L2 norm of each group's parameter gradients, stacked on the device (0 where no gradient)."""
-    out = []
-    for _name, params in groups:
-        grads = [p.grad.detach().to(device) for p in params if p.grad is not None]
+class ParamGradNorms:
+    """L2 norm of each module's parameter gradients, in one batched pass.
+
+    One ``_foreach_norm`` over every gradient and one segment sum replace a handful of small ops per
+    module. The segment index lives on the device and is rebuilt only when the set of parameters
+    with a gradient changes (building it is a host-to-device copy).
+    """
+
+    def __init__(self, groups: Sequence[tuple[str, list[torch.nn.Parameter]]]) -> None:
+        self.groups = list(groups)
+        self._index: tuple[tuple[int, ...], Tensor] | None = None
+
+    def __call__(self, device: torch.device) -> Tensor:
+        """Per group, the norm of its gradients (0 where none), as a float64 device vector."""
+        grads: list[Tensor] = []
+        owners: list[int] = []
+        for g, (_name, params) in enumerate(self.groups):
+            for p in params:
+                if p.grad is not None:
+                    grads.append(p.grad.detach().to(device))
+                    owners.append(g)
+        out = torch.zeros(len(self.groups), dtype=torch.float64, device=device)
         if not grads:
-            out.append(torch.zeros((), dtype=torch.float64, device=device))
-            continue
-        norms = torch._foreach_norm(grads)
-        out.append(torch.stack(norms).to(torch.float64).square().sum().sqrt())
-    if not out:
-        return torch.zeros(0, dtype=torch.float64, device=device)
-    return torch.stack(out)
+            return out
+        key = tuple(owners)
+        if self._index is None or self._index[0] != key or self._index[1].device != device:
+            self._index = (key, torch.tensor(owners, dtype=torch.long, device=device))
+        squares = torch.stack(torch._foreach_norm(grads)).to(torch.float64).square()
+        return out.index_add_(0, self._index[1], squares).sqrt_()

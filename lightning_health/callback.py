@@ -25,7 +25,7 @@ from typing_extensions import override
 
 from lightning_health import reductions as R
 from lightning_health._compat import CallbackBase, grad_scale_tensor, rank_zero
-from lightning_health.accumulate import Accumulator, LayerReading, layer_param_groups, param_grad_norms
+from lightning_health.accumulate import Accumulator, LayerReading, ParamGradNorms, layer_param_groups
 from lightning_health.capture import Capture, Mode
 from lightning_health.diagnosis import Finding, FindingLog, Thresholds, evaluate
 from lightning_health.heatmap import render_heatmap
@@ -214,6 +214,7 @@ class HealthMonitor(CallbackBase):
         self._accumulator: Accumulator | None = None
         self._sinks = SinkSet([])
         self._param_groups: list[tuple[str, list[torch.nn.Parameter]]] = []
+        self._param_norm_reader = ParamGradNorms([])
         self._param_norms: torch.Tensor | None = None
         self._armed_step: int | None = None
         self._rectifiers: set[str] = set()
@@ -226,7 +227,15 @@ class HealthMonitor(CallbackBase):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("_capture", "_accumulator", "_sinks", "_param_groups", "_param_norms", "_host_edges"):
+        for key in (
+            "_capture",
+            "_accumulator",
+            "_sinks",
+            "_param_groups",
+            "_param_norm_reader",
+            "_param_norms",
+            "_host_edges",
+        ):
             state.pop(key, None)
         return state
 
@@ -328,6 +337,7 @@ class HealthMonitor(CallbackBase):
         self._rectifiers = {layer.name for layer in chosen if layer.profile.rectifier}
         self._layer_names = [layer.name for layer in chosen]
         self._param_groups = layer_param_groups([(n, m) for n, m in pl_module.named_modules() if n])
+        self._param_norm_reader = ParamGradNorms(self._param_groups)
         if rank_zero(trainer):
             self._sinks = SinkSet(sinks_for(getattr(trainer, "loggers", []), writer=self.writer))
             self._sinks.start(self.settings(), [layer.name for layer in chosen])
@@ -418,7 +428,7 @@ class HealthMonitor(CallbackBase):
         if self._armed_step is None or self._capture is None or not self._param_groups:
             return
         device = self._param_groups[0][1][0].device
-        self._param_norms = param_grad_norms(self._param_groups, device)
+        self._param_norms = self._param_norm_reader(device)
 
     @override
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -285,3 +285,24 @@ def test_chart_marks_nan_layers_instead_of_calling_them_alive(capsys):
     _fit(PatientMLP("normal", 0.8), monitor, epochs=2)
     rows = {row.layer: row.cells() for row in monitor.report().rows}
     assert rows["net.3"][1] == "nan" and rows["net.3"][5] == "nan"
+
+
+def test_param_grad_norm_equals_the_norm_of_each_modules_gradients():
+    seen = {}
+
+    class Grab(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen[trainer.global_step] = {
+                f"net.{i}": torch.cat([p.grad.flatten() for p in m.parameters()]).norm().item()
+                for i, m in enumerate(pl_module.net)
+                if isinstance(m, nn.Linear)
+            }
+
+    monitor = HealthMonitor(every_n_steps=2, verbose=False)
+    train, _ = patient_loaders()
+    pl.Trainer(callbacks=[Grab(), monitor], **trainer_kwargs(max_steps=5)).fit(PatientMLP(), train)
+    curves = monitor.curves("param_grad_norm")
+    assert set(curves) == {"net.0", "net.2", "net.4", "net.6", "net.8"}
+    for layer, points in curves.items():
+        for step, value in points:
+            assert value == pytest.approx(seen[step][layer], rel=1e-6)
