@@ -24,10 +24,6 @@ rank sees at the same step, the ranks merge their layouts (one ``all_gather_obje
 sync again; nothing is lost. This happens on the first sampled step and whenever a new slot first
 appears; every other sampled step costs exactly one ``all_gather``, plus a one-element host read of
 the flag.
-
-Dead units: a unit is dead when it never fired (output > 0) on any example of any sampled batch in
-the window, i.e. the last ``window`` sampled batches. The dead fraction of a layer is reported only
-once its window is full, because one batch is never enough evidence.
 """
 
 from __future__ import annotations
