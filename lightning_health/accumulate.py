@@ -24,10 +24,6 @@ rank sees at the same step, the ranks merge their layouts (one ``all_gather_obje
 sync again; nothing is lost. This happens on the first sampled step and whenever a new slot first
 appears; every other sampled step costs exactly one ``all_gather``, plus a one-element host read of
 the flag.
-
-Dead units: a unit is dead when it never fired (output > 0) on any example of any sampled batch in
-the window, i.e. the last ``window`` sampled batches. The dead fraction of a layer is reported only
-once its window is full, because one batch is never enough evidence.
 """
 
 from __future__ import annotations
@@ -57,12 +53,11 @@ class LayerReading:
     alive_fraction: float | None = None  # share of units that fired on this sampled step (any rank)
 
 
-class UnitWindow:
-    """The last ``size`` fire masks of one layer call slot, as a ring on the device."""
+class _Ring:
+    """Where the next row of a ``size``-row ring goes, and how many rows hold evidence."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.ring: Tensor | None = None
         self.filled = 0
         self.pos = 0
 
@@ -70,13 +65,28 @@ class UnitWindow:
     def full(self) -> bool:
         return self.filled >= self.size
 
+    def _advance(self) -> None:
+        self.pos = (self.pos + 1) % self.size
+        self.filled = min(self.filled + 1, self.size)
+
+    def _load_position(self, state: dict[str, object]) -> None:
+        self.filled = int(state.get("filled", 0))  # type: ignore[call-overload]
+        self.pos = int(state.get("pos", 0))  # type: ignore[call-overload]
+
+
+class UnitWindow(_Ring):
+    """The last ``size`` fire masks of one layer call slot, as a ring on the device."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.ring: Tensor | None = None
+
     def push(self, fired: Tensor) -> None:
         if self.ring is None or self.ring.shape[1] != fired.numel() or self.ring.device != fired.device:
             self.ring = torch.zeros(self.size, fired.numel(), dtype=torch.bool, device=fired.device)
             self.filled = self.pos = 0
         self.ring[self.pos] = fired
-        self.pos = (self.pos + 1) % self.size
-        self.filled = min(self.filled + 1, self.size)
+        self._advance()
 
     def dead(self) -> Tensor:
         """Per-unit bool: never fired in the window."""
@@ -92,23 +102,16 @@ class UnitWindow:
         if self.ring is not None and self.ring.shape[0] != self.size:  # window size changed: start afresh
             self.ring, self.filled, self.pos = None, 0, 0
             return
-        self.filled = int(state.get("filled", 0))  # type: ignore[call-overload]
-        self.pos = int(state.get("pos", 0))  # type: ignore[call-overload]
+        self._load_position(state)
 
 
-class AbsWindow:
+class AbsWindow(_Ring):
     """The last ``size`` per-unit ``|activation|`` sums of one layer call slot and their counts."""
 
     def __init__(self, size: int) -> None:
-        self.size = size
+        super().__init__(size)
         self.sums: Tensor | None = None
         self.counts: Tensor | None = None
-        self.filled = 0
-        self.pos = 0
-
-    @property
-    def full(self) -> bool:
-        return self.filled >= self.size
 
     def push(self, sums: Tensor, count: Tensor) -> None:
         if self.sums is None or self.sums.shape[1] != sums.numel() or self.sums.device != sums.device:
@@ -118,8 +121,7 @@ class AbsWindow:
         assert self.counts is not None
         self.sums[self.pos] = sums
         self.counts[self.pos] = count.reshape(())
-        self.pos = (self.pos + 1) % self.size
-        self.filled = min(self.filled + 1, self.size)
+        self._advance()
 
     def dormant(self, tau: float) -> Tensor:
         """Per-unit bool: tau-dormant over the window (see :func:`lightning_health.dormancy.dormant_mask`)."""
@@ -140,8 +142,7 @@ class AbsWindow:
             self.sums, self.counts, self.filled, self.pos = None, None, 0, 0
             return
         self.sums, self.counts = sums.to(device), counts.to(device)
-        self.filled = int(state.get("filled", 0))  # type: ignore[call-overload]
-        self.pos = int(state.get("pos", 0))  # type: ignore[call-overload]
+        self._load_position(state)
 
 
 @dataclasses.dataclass

@@ -242,7 +242,6 @@ class HealthMonitor(CallbackBase):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._reset_runtime()
-        self._armed_step = None
 
     @property
     @override

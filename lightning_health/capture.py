@@ -175,10 +175,6 @@ class Capture:
             self._handles[index].remove()
             self._handles[index] = module.register_forward_hook(self._make_hook(index))
 
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
-
     def reset(self) -> None:
         """Forget everything gathered (start of a sampled step or of a validation pass)."""
         for buf in self.buffers:

@@ -46,9 +46,6 @@ class History:
                 out[metric] = points[-1][1]
         return out
 
-    def as_dict(self) -> dict[str, dict[str, list[tuple[int, float]]]]:
-        return {m: self.curves(m) for m in self._series}
-
     def state_dict(self) -> dict[str, dict[str, list[list[float]]]]:
         return {m: {layer: [[s, v] for s, v in pts] for layer, pts in per.items()} for m, per in self._series.items()}
 

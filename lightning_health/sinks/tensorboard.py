@@ -93,6 +93,16 @@ def raw_histogram_args(hist: Histogram) -> dict[str, Any]:
     }
 
 
+def _drawable_histograms(histograms: Mapping[str, Histogram]) -> list[tuple[str, dict[str, Any]]]:
+    """``(tag, add_histogram_raw arguments)`` of the histograms TensorBoard can draw (values, all finite)."""
+    out = []
+    for tag, hist in histograms.items():
+        args = raw_histogram_args(hist)
+        if args["num"] > 0 and all(math.isfinite(c) for c in args["bucket_counts"]):
+            out.append((tag, args))
+    return out
+
+
 def _scalar_value(tag: str, value: float) -> Any:
     from tensorboard.compat.proto.summary_pb2 import Summary
 
@@ -148,10 +158,8 @@ class TensorBoardSink(SinkBase):
             return
         prefix = tag_prefix(self.logger)
         values = [_scalar_value(prefix + tag, value) for tag, value in scalars.items()]
-        for tag, hist in histograms.items():
-            args = raw_histogram_args(hist)
-            if args["num"] > 0 and all(math.isfinite(c) for c in args["bucket_counts"]):
-                values.extend(histogram_raw(prefix + tag, **args).value)
+        for tag, args in _drawable_histograms(histograms):
+            values.extend(histogram_raw(prefix + tag, **args).value)
         if values:
             file_writer().add_summary(_summary(values), step)
 
@@ -161,10 +169,8 @@ class TensorBoardSink(SinkBase):
         elif scalars:
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, global_step=step)
-        for tag, hist in histograms.items():
-            args = raw_histogram_args(hist)
-            if args["num"] > 0 and all(math.isfinite(c) for c in args["bucket_counts"]):
-                self.writer.add_histogram_raw(tag_prefix(self.logger) + tag, global_step=step, **args)
+        for tag, args in _drawable_histograms(histograms):
+            self.writer.add_histogram_raw(tag_prefix(self.logger) + tag, global_step=step, **args)
 
     def findings(self, step: int, findings: Sequence[Finding]) -> None:
         self.writer.add_text(tag_prefix(self.logger) + FINDINGS_TAG, findings_markdown(step, findings), step)
