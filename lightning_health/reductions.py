@@ -247,13 +247,14 @@ def histogram_counts(x: Tensor, edges: Tensor) -> Tensor:
         >>> histogram_counts(torch.tensor([-5.0, 0.5, 1.0, float("nan")]), torch.tensor([0.0, 1.0])).tolist()
         [1.0, 2.0, 0.0, 1.0]
     """
-    v = _as_float(x).reshape(-1).float()
-    e = edges.to(device=v.device, dtype=torch.float32)
+    v = _as_float(x).reshape(-1).float().contiguous()
+    # Callers on an accelerator pass edges already on its device (a per-call copy would block).
+    e = edges if edges.device == v.device and edges.dtype == torch.float32 else edges.to(v.device, torch.float32)
     n_edges = e.numel()
     # right=True gives the count of edges <= v, i.e. bin index + 1 for edges[i] <= v < edges[i+1].
-    idx = torch.bucketize(v.contiguous(), e, right=True)
-    idx = torch.where(v == e[-1], torch.full_like(idx, n_edges - 1), idx)  # closed last bin, as NumPy
-    idx = torch.where(torch.isfinite(v), idx, torch.full_like(idx, n_edges + 1))
+    idx = torch.bucketize(v, e, right=True)
+    idx.sub_((v == e[-1]).to(idx.dtype))  # the last bin is closed, as in NumPy
+    idx.masked_fill_(~torch.isfinite(v), n_edges + 1)
     return torch.bincount(idx, minlength=n_edges + 2).to(_WIDE)
 
 
