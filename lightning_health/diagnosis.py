@@ -285,8 +285,16 @@ def diagnose_curves(
                 by_step.setdefault(int(step), {}).setdefault(layer, {})[metric] = float(value)
     log = FindingLog(order)
     output = None
+    latest_nonfinite: dict[str, float] = {}
     for step in sorted(by_step):
         snapshot = by_step[step]
+        for layer, readings in snapshot.items():
+            # A validation-only step carries no training reading: judge it with the layer's latest
+            # non-finite count, as the live monitor does, so a NaN layer's dead finding stays open.
+            if "nonfinite" in readings:
+                latest_nonfinite[layer] = readings["nonfinite"]
+            elif latest_nonfinite.get(layer):
+                readings["nonfinite"] = latest_nonfinite[layer]
         with_grad = [name for name in order if "grad_std" in snapshot.get(name, {})]
         if with_grad:
             output = with_grad[-1]

@@ -104,3 +104,14 @@ def test_a_layer_that_turns_nan_keeps_its_dead_finding_open():
     findings = {f.kind: f for f in diagnose_curves(curves)}
     assert findings["dead"].active and findings["dead"].step == 2
     assert findings["nonfinite"].step == 3
+
+
+def test_a_validation_only_step_does_not_clear_a_nan_layers_dead_finding():
+    # the last validation pass lands on a step with no training reading (step 10 here)
+    curves = {
+        "dead_fraction": {"l": [(2, 0.6), (3, 0.0)]},
+        "nonfinite": {"l": [(2, 0), (3, 256)]},
+        "val_dead_fraction": {"l": [(10, 0.0)]},
+    }
+    dead = next(f for f in diagnose_curves(curves) if f.kind == "dead")
+    assert dead.active and dead.step == 2
