@@ -56,3 +56,22 @@ def grad_scale_tensor(trainer: Any) -> Any:
             return None
         return torch.full((), float(init), device=getattr(strategy, "root_device", "cpu"))
     return scale.detach().clone()
+
+
+def amp_found_inf(trainer: Any, optimizer: Any) -> Any:
+    """The GradScaler's "found inf/NaN" flag for ``optimizer`` this step, as a device tensor, or None.
+
+    Read after ``unscale_`` (Lightning unscales before ``on_before_optimizer_step``). A non-zero
+    value means the scaler will skip this optimizer step and lower its scale: the overflowing
+    gradients are AMP working as designed, not a sick network.
+    """
+    scaler = getattr(getattr(getattr(trainer, "strategy", None), "precision_plugin", None), "scaler", None)
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if not states:
+        return None
+    found = states.get(id(optimizer), {}).get("found_inf_per_device") or {}
+    flags = [t.detach().reshape(()).float() for t in found.values()]
+    if not flags:
+        return None
+    device = flags[0].device
+    return torch.stack([f.to(device) for f in flags]).sum()

@@ -24,7 +24,7 @@ import torch
 from typing_extensions import override
 
 from lightning_health import reductions as R
-from lightning_health._compat import CallbackBase, grad_scale_tensor, rank_zero
+from lightning_health._compat import CallbackBase, amp_found_inf, grad_scale_tensor, rank_zero
 from lightning_health.accumulate import Accumulator, LayerReading, ParamGradNorms, layer_param_groups
 from lightning_health.capture import Capture, Mode
 from lightning_health.diagnosis import Finding, FindingLog, Thresholds, evaluate
@@ -216,6 +216,7 @@ class HealthMonitor(CallbackBase):
         self._param_groups: list[tuple[str, list[torch.nn.Parameter]]] = []
         self._param_norm_reader = ParamGradNorms([])
         self._param_norms: torch.Tensor | None = None
+        self._amp_overflow: torch.Tensor | None = None  # GradScaler found inf/NaN: this step is skipped
         self._armed_step: int | None = None
         self._rectifiers: set[str] = set()
         # optimizer-step timing, for the overhead budget: (step, start time, was it sampled)
@@ -424,10 +425,12 @@ class HealthMonitor(CallbackBase):
 
     @override
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        if self._armed_step is None or self._capture is None or not self._param_groups:
+        if self._armed_step is None or self._capture is None:
             return
-        device = self._param_groups[0][1][0].device
-        self._param_norms = self._param_norm_reader(device)
+        self._amp_overflow = amp_found_inf(trainer, optimizer)
+        if self._param_groups:
+            device = self._param_groups[0][1][0].device
+            self._param_norms = self._param_norm_reader(device)
 
     @override
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -449,11 +452,21 @@ class HealthMonitor(CallbackBase):
             device = accumulator.device()
             timing = torch.empty(2, dtype=torch.float64, device=device)
             timing[0], timing[1] = self._sampled_seconds, self._idle_seconds  # fills, no host-to-device copy
+        has_norms, has_overflow = self._param_norms is not None, self._amp_overflow is not None
+        extra = [t for t in (self._param_norms, self._amp_overflow) if t is not None]  # ride the one transfer
+        device = accumulator.device()
         try:
-            readings, norms, shared = accumulator.finish_train_step(self._param_norms, timing, step=step)
+            readings, extra_host, shared = accumulator.finish_train_step(
+                torch.cat([t.to(device, torch.float64).reshape(-1) for t in extra]) if extra else None,
+                timing,
+                step=step,
+            )
         finally:
             capture.reset()
             self._param_norms = None
+        overflow = has_overflow and extra_host[-1] > 0
+        norms = extra_host[: len(self._param_groups)] if has_norms else []
+        self._amp_overflow = None
         scalars, histograms, snapshot = self._tabulate(step, readings, capture)
         scalars.update(self._rescue(trainer, step))
         for (name, _params), value in zip(self._param_groups, norms):
@@ -463,6 +476,13 @@ class HealthMonitor(CallbackBase):
             self._schedule.after_sample(step, shared[0], shared[1])
             scalars["health/sampling_interval"] = float(self._schedule.interval)
             self._history.add(step, "sampling_interval", "", float(self._schedule.interval))
+        if overflow:
+            # The loss scale overflowed and the scaler skips this step: infinite gradients are AMP
+            # working as designed. Log it, and keep the gradient rules out of this step's diagnosis.
+            scalars["health/amp_skipped_step"] = 1.0
+            for readings_of_layer in snapshot.values():
+                for key in ("grad_std", "grad_max", "grad_norm", "grad_nonfinite"):
+                    readings_of_layer.pop(key, None)
         self._sinks.write(step, scalars, histograms)
         order = [capture.layers[i].name for i in capture.forward_order]
         with_grad = [name for name in order if "grad_std" in snapshot.get(name, {})]

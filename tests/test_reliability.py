@@ -514,3 +514,21 @@ def test_sharded_strategies_warn_at_setup_and_stay_idle(strategy):
     monitor.on_train_batch_start(trainer, model, None, 0)  # idle: no error, nothing armed
     model(torch.randn(2, 8))
     assert monitor.curves("act_mean") == {}
+
+
+def test_an_amp_overflow_step_is_not_a_critical_finding():
+    """A GradScaler whose scale is too large overflows and skips steps by design: no false alarm."""
+    from lightning_health.patients import PatientMLP
+
+    monitor = HealthMonitor(every_n_steps=1, verbose=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # fp16 gradients overflow for several steps
+    trainer = pl.Trainer(
+        callbacks=[monitor],
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        **trainer_kwargs(max_steps=4, limit_val_batches=0),
+    )
+    trainer.fit(PatientMLP(), patient_loaders()[0])
+    assert scaler.get_scale() < 2.0**40  # the scaler really did find inf and back off
+    nonfinite_grads = [v for pts in monitor.curves("grad_nonfinite").values() for _, v in pts]
+    assert max(nonfinite_grads) > 0  # the gradients really were infinite, and are still logged
+    assert not [f for f in monitor.diagnose() if f.kind in ("nonfinite", "exploding_gradient")]
