@@ -34,3 +34,12 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
         assert (tmp_path / "site" / page / "index.html").exists() or (tmp_path / "site" / f"{page}.html").exists()
     api = (tmp_path / "site" / "api" / "index.html").read_text(encoding="utf-8")
     assert "read_run" in api and "panel_rgb" in api
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    commands = [line.strip() for line in readme.splitlines() if "pytest" in line and line.startswith("python")]
+    assert commands, "the README names its test command"
+    ci = (root / ".ci" / "run").read_text()
+    assert commands[0] in ci.splitlines()
