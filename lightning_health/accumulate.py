@@ -29,7 +29,7 @@ the flag.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -260,6 +260,26 @@ class Accumulator:
             out.append((slot, width, vec))
         return out
 
+    def _sync_agreed(
+        self, pack: Callable[[], tuple[list[Tensor], list[int], list[int]]], device: torch.device
+    ) -> Tensor:
+        """Pack, then reduce across ranks: the one place that keeps DDP layouts in agreement.
+
+        ``pack`` returns the parts and the indices to reduce with min and max. Under DDP a
+        one-element flag rides at the end ("this rank knows a (layer, slot) outside the agreed
+        layout"); when any rank raised it, every rank agrees a new layout and packs again.
+        """
+        distributed = world_size() > 1
+        while True:
+            parts, min_idx, max_idx = pack()
+            if distributed:
+                parts.append(self._layout_flag(device))
+            packed = torch.cat(parts) if parts else _zeros(0, device)
+            synced = sync_vector(packed, *self._reduction_indices(min_idx, max_idx, device))
+            if not distributed or synced[-1].item() == 0:  # the layout flag (DDP only)
+                return synced
+            self._agree_layout()  # every rank saw the flag: agree, then pack and sync again
+
     def finish_train_step(
         self, extra: Tensor | None = None, shared_max: Tensor | None = None, step: int | None = None
     ) -> tuple[list[LayerReading], list[float], list[float]]:
@@ -278,11 +298,15 @@ class Accumulator:
         """
         device = self.device()
         distributed = world_size() > 1
-        while True:
+        plan: list[_LayerPlan] = []
+        shared_at = 0
+
+        def pack() -> tuple[list[Tensor], list[int], list[int]]:
+            nonlocal plan, shared_at
             parts: list[Tensor] = []
             min_idx: list[int] = []
             max_idx: list[int] = []
-            plan: list[_LayerPlan] = []
+            plan = []
             offset = 0
             for index, buf in enumerate(self.capture.buffers):
                 entry = _LayerPlan(base=offset)
@@ -316,14 +340,9 @@ class Accumulator:
             if shared_max is not None:
                 parts.append(shared_max.to(device=device, dtype=torch.float64))
                 max_idx += range(offset, offset + shared_max.numel())
-                offset += shared_max.numel()
-            if distributed:
-                parts.append(self._layout_flag(device))
-            packed = torch.cat(parts) if parts else _zeros(0, device)
-            synced = sync_vector(packed, *self._reduction_indices(min_idx, max_idx, device))
-            if not distributed or synced[-1].item() == 0:  # the layout flag (DDP only)
-                break
-            self._agree_layout()  # every rank saw the flag: agree, then pack and sync again
+            return parts, min_idx, max_idx
+
+        synced = self._sync_agreed(pack, device)
         # Windows and dead counts on the device, from the synced (global) fire masks.
         dead_counts: list[Tensor] = []
         for index, entry in enumerate(plan):
@@ -358,7 +377,7 @@ class Accumulator:
         host = torch.cat(tail).tolist()  # the one device-to-host transfer of the step
 
         readings = []
-        cursor = packed.numel()
+        cursor = synced.numel()
         for entry in plan:
             act_host: list[float] = host[entry.base : entry.base + R.ACTIVATION_WIDTH]
             grad_host: list[float] = host[
@@ -391,7 +410,7 @@ class Accumulator:
                     alive_fraction=alive,
                 )
             )
-        shared = host[shared_at : packed.numel() - (1 if distributed else 0)]  # not the layout flag
+        shared = host[shared_at : synced.numel() - (1 if distributed else 0)]  # not the layout flag
         return readings, (host[cursor:] if extra is not None else []), shared
 
     def _reduction_indices(self, min_idx: list[int], max_idx: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -465,21 +484,21 @@ class Accumulator:
         """
         device = self.device()
         distributed = world_size() > 1
-        while True:
+        plan: list[list[int]] = []
+
+        def pack() -> tuple[list[Tensor], list[int], list[int]]:
+            nonlocal plan
             parts: list[Tensor] = []
-            plan: list[list[int]] = []
+            plan = []
             for index, buf in enumerate(self.capture.buffers):
                 masks = self._pack_masks(index, buf, distributed, device)
                 parts += [vec for _slot, _width, vec in masks]
                 plan.append([width for _slot, width, _vec in masks])
-            if distributed:
-                parts.append(self._layout_flag(device))
-            elif not parts:
-                return [(0, 0) for _ in plan]
-            synced = sync_vector(torch.cat(parts), _NO_INDEX, _NO_INDEX)
-            if not distributed or synced[-1].item() == 0:
-                break
-            self._agree_layout()
+            return parts, [], []
+
+        synced = self._sync_agreed(pack, device)
+        if not distributed and not any(plan):
+            return [(0, 0) for _ in plan]
         fired_per_layer = []
         start = 0
         for widths in plan:
