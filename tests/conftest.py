@@ -7,8 +7,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
+import torch.distributed as dist
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -29,6 +31,31 @@ def trainer_kwargs(**overrides: Any) -> dict[str, Any]:
     }
     base.update(overrides)
     return base
+
+
+class ReleaseProcessGroup(pl.Callback):
+    """Inside each ``ddp_spawn`` worker: destroy the gloo process group once fit is over.
+
+    Lightning destroys the group at exit only for NCCL. A gloo group left alive into interpreter
+    shutdown can abort the worker (SIGABRT, "terminate called without an active exception") while its
+    C++ threads still hold tensors; PyTorch's advice is to call ``destroy_process_group`` at the end.
+    Callback ``teardown`` runs after the strategy's own teardown, when no collective is left to issue.
+    """
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def ddp_spawn_kwargs(callbacks: list[Any], **overrides: Any) -> dict[str, Any]:
+    """Trainer settings for a real 2-process CPU DDP run (gloo, ``ddp_spawn``) that exits cleanly."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategy = DDPStrategy(start_method="spawn", process_group_backend="gloo", timeout=timedelta(seconds=60))
+    return trainer_kwargs(callbacks=[*callbacks, ReleaseProcessGroup()], strategy=strategy, devices=2, **overrides)
 
 
 def read_tb_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:

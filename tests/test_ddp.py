@@ -12,7 +12,6 @@ import csv
 import json
 import math
 import os
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,11 @@ import pytest
 import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import CSVLogger, Logger
-from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_health import HealthMonitor
-from tests.conftest import trainer_kwargs
+from tests.conftest import ddp_spawn_kwargs
 
 pytestmark = [
     pytest.mark.ddp,
@@ -150,10 +148,8 @@ def _fit(tmp_path: Path, model: RankModel) -> tuple[dict[int, dict[str, Any]], l
     csv_logger = CSVLogger(tmp_path, name="csv", version=0)
     calls = tmp_path / "calls.txt"
     trainer = pl.Trainer(
-        callbacks=[monitor, CollectiveRecorder(str(tmp_path))],
-        **trainer_kwargs(
-            devices=2,
-            strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)),
+        **ddp_spawn_kwargs(
+            [monitor, CollectiveRecorder(str(tmp_path))],
             max_steps=STEPS,
             logger=[csv_logger, CallLogger(str(calls))],
         ),

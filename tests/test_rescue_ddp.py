@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +10,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 
 from lightning_health import HealthMonitor
 from lightning_health.patients import patient_data
-from tests.conftest import trainer_kwargs
+from tests.conftest import ddp_spawn_kwargs
 from tests.test_rescue_monitor import DyingMLP
 
 
@@ -49,11 +47,7 @@ def test_every_rank_applies_the_identical_rescue(tmp_path: Path) -> None:
         every_n_steps=1, dead_window=2, rescue="reinit", rescue_every=4, dormant_threshold=0.0, verbose=False
     )
     out = tmp_path / "ranks.json"
-    strategy = DDPStrategy(start_method="spawn", process_group_backend="gloo", timeout=timedelta(seconds=60))
-    trainer = pl.Trainer(
-        callbacks=[monitor, CrossRankCheck(monitor, out)],
-        **trainer_kwargs(strategy=strategy, devices=2, max_epochs=3),
-    )
+    trainer = pl.Trainer(**ddp_spawn_kwargs([monitor, CrossRankCheck(monitor, out)], max_epochs=3))
     # Lightning shards the data: each rank sees other examples, so local evidence differs. (No seeded
     # torch.Generator in the loader: it does not survive the pickling into spawned workers here.)
     trainer.fit(DyingMLP(), DataLoader(patient_data(), batch_size=8))
