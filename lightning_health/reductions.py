@@ -27,6 +27,7 @@ G_COUNT, G_SUM, G_SUMSQ, G_ABSMAX, G_NONFINITE = range(5)
 GRADIENT_WIDTH = 5
 
 _WIDE = torch.float64
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _as_float(x: Tensor) -> Tensor:
@@ -50,38 +51,47 @@ def empty_gradient_totals(device: torch.device | str = "cpu") -> Tensor:
     return torch.zeros(GRADIENT_WIDTH, dtype=_WIDE, device=device)
 
 
-def _scaled_moments(
-    x: Tensor, lo: Tensor, hi: Tensor, scratch: Tensor | None, count_zeros: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Sum, sum of squares, non-finite count and zero count of a flat float tensor, in float32 passes.
+def _buffer(x: Tensor, scratch: Tensor | None) -> Tensor:
+    """A temporary the size of flat ``x``: the reused scratch when it is large enough and of x's dtype."""
+    if scratch is not None and scratch.numel() >= x.numel() and scratch.dtype == x.dtype:
+        return scratch[: x.numel()]
+    return torch.empty_like(x)
 
-    When all values lie on one side of zero they are centred on the midpoint ``c`` of
-    ``[min, max]`` (otherwise ``c = 0``), and scaled by a power of two so the largest deviation is
-    below 1, into ``scratch``. Then:
 
-    - float32 sums of the centred values lose nothing to cancellation, so a collapsed layer
+def _centred_moments(x: Tensor, lo: Tensor, hi: Tensor, buf: Tensor) -> tuple[Tensor, Tensor]:
+    """Float64 sum and sum of squares of flat ``x``, from float32 passes that neither cancel nor overflow.
+
+    The values are shifted by ``c``, the end of ``[min, max]`` nearest zero when every value lies
+    on one side of it (``c = 0`` otherwise), and scaled by a power of two ``s`` so every shifted
+    value lies within +-1, into ``buf``. Then:
+
+    - float32 sums of shifted values lose nothing to cancellation, so a collapsed layer
       (5.0 +- 1e-4) keeps a precise std; the raw sums are rebuilt in float64 as
-      ``sum = S1 + n c`` and ``sum_sq = S2 + 2 c S1 + n c^2``;
-    - the float32 sum of squares is at most ``n`` and cannot overflow, whatever the magnitudes;
-    - the buffer is reused across calls: on a CPU a fresh full-size temporary, or a boolean mask,
-      costs many times the arithmetic, so the counts are float passes over the same buffer too.
+      ``sum = S1 / s + n c`` and ``sum_sq = (S2 / s^2) + c (2 S1 / s + n c)``, where every term
+      has the sign of the total (shifted values share the sign of ``c``), so nothing cancels there;
+    - the float32 sum of squares is at most about ``n`` and cannot overflow, whatever the magnitudes;
+    - both sums are the CPU's fastest kernels (``sum`` and ``vector_norm``, vectorised), and the
+      only full-size write goes into the reused buffer: on a CPU a fresh temporary, a boolean
+      mask or a float64 widening each cost many times the arithmetic.
     """
-    buf = scratch[: x.numel()] if scratch is not None and scratch.numel() >= x.numel() else torch.empty_like(x)
-    n = float(x.numel())
-    zeros = x.new_zeros((), dtype=_WIDE)
-    if count_zeros:  # ceil(min(|x|, 1)) is 1 for any nonzero (subnormals too), 0 for 0; NaN -> 1 (not zero)
-        nonzero = torch.abs(x, out=buf).clamp_(max=1.0).ceil_().nan_to_num_(nan=1.0).sum()
-        zeros = n - nonzero.to(_WIDE)
-    lo64, hi64 = lo.to(_WIDE), hi.to(_WIDE)
-    # Shift only when every value lies on one side of zero: then mean^2 can dwarf the variance.
-    centre = torch.where((lo64 > 0) | (hi64 < 0), (lo64 + hi64) / 2, 0.0).nan_to_num_(0.0, 0.0, 0.0)
-    reach = torch.maximum(hi64 - centre, centre - lo64).nan_to_num_(0.0, 0.0, 0.0)
-    scale = torch.ldexp(torch.ones_like(reach), -torch.frexp(reach).exponent)  # exact power of two
-    torch.sub(x, centre.to(x.dtype), out=buf).mul_(scale.to(x.dtype))
-    s1 = buf.sum().to(_WIDE) / scale
-    s2 = torch.linalg.vector_norm(buf).to(_WIDE).square() / scale.square()
-    nonfinite = buf.sub_(buf).nan_to_num_(nan=1.0).sum().to(_WIDE)  # x - x is NaN exactly where x is NaN/Inf
-    return s1 + n * centre, s2 + 2 * centre * s1 + n * centre.square(), nonfinite, zeros
+    centre = lo.clamp(min=0.0).add_(hi.clamp(max=0.0)).nan_to_num_(0.0, 0.0, 0.0)  # min if > 0, max if < 0
+    reach = torch.sub(hi, lo).nan_to_num_(0.0, _FLOAT32_MAX, 0.0)  # >= every |x - c|
+    # An exact power of two; at most 2**126, so a layer of subnormal values is not scaled to inf.
+    scale = torch.ldexp(torch.ones_like(reach), torch.frexp(reach).exponent.neg_().clamp_(max=126))
+    torch.sub(x, centre, out=buf).mul_(scale)
+    wide = torch.stack([buf.sum(), torch.linalg.vector_norm(buf), centre, scale]).to(_WIDE)
+    s1, c, n = wide[0] / wide[3], wide[2], float(x.numel())
+    return s1 + n * c, (wide[1] / wide[3]).square() + c * (2 * s1 + n * c)
+
+
+def _count(mark: Tensor) -> Tensor:
+    """The number of ones in a float 0/1 buffer, as float64 (float32 partial sums are exact to 2**24)."""
+    return mark.sum().to(_WIDE)
+
+
+def _nonfinite(x: Tensor, buf: Tensor) -> Tensor:
+    """How many of ``x`` are NaN or +-Inf: ``x * 0`` is 0 for a finite value and NaN otherwise."""
+    return _count(torch.mul(x, 0.0, out=buf).ne_(0.0))
 
 
 def activation_totals(
@@ -111,26 +121,20 @@ def activation_totals(
     x = _as_float(y).reshape(-1)
     if x.numel() == 0:
         return empty_activation_totals(x.device)
+    buf = _buffer(x, scratch)
     lo, hi = torch.aminmax(x)
+    total, total_sq = _centred_moments(x, lo, hi, buf)
+    zeros = _count(torch.eq(x, 0.0, out=buf))
     if bounds is None:
-        saturated = torch.zeros((), dtype=_WIDE, device=x.device)
-    else:
+        saturated = zeros.new_zeros(())
+    else:  # within `band` of either bound, i.e. |x - middle| >= half width - band
         low, high = bounds
         band = margin * (high - low)
-        saturated = ((x <= low + band) | (x >= high - band)).sum(dtype=_WIDE)
-    total, total_sq, nonfinite, zeros = _scaled_moments(x, lo, hi, scratch, count_zeros=True)
-    return torch.stack(
-        [
-            x.new_full((), float(x.numel()), dtype=_WIDE),  # a fill kernel, not a host-to-device copy
-            total,
-            total_sq,
-            lo.to(_WIDE),
-            hi.to(_WIDE),
-            zeros,
-            saturated,
-            nonfinite,
-        ]
-    )
+        saturated = _count(torch.sub(x, (low + high) / 2, out=buf).abs_().ge_((high - low) / 2 - band))
+    nonfinite = _nonfinite(x, buf)
+    count = x.new_full((), float(x.numel()), dtype=_WIDE)  # a fill kernel, not a host-to-device copy
+    # stack promotes the float32 min and max to float64 in the same call
+    return torch.stack([count, total, total_sq, lo, hi, zeros, saturated, nonfinite])
 
 
 def gradient_totals(g: Tensor, scratch: Tensor | None = None) -> Tensor:
@@ -143,17 +147,12 @@ def gradient_totals(g: Tensor, scratch: Tensor | None = None) -> Tensor:
     x = _as_float(g).reshape(-1)
     if x.numel() == 0:
         return empty_gradient_totals(x.device)
+    buf = _buffer(x, scratch)
     lo, hi = torch.aminmax(x)
-    total, total_sq, nonfinite, _ = _scaled_moments(x, lo, hi, scratch, count_zeros=False)
-    return torch.stack(
-        [
-            x.new_full((), float(x.numel()), dtype=_WIDE),
-            total,
-            total_sq,
-            torch.maximum(-lo, hi).to(_WIDE),  # max |g| without an abs() temporary
-            nonfinite,
-        ]
-    )
+    total, total_sq = _centred_moments(x, lo, hi, buf)
+    count = x.new_full((), float(x.numel()), dtype=_WIDE)
+    max_abs = torch.maximum(lo.neg(), hi)  # max |g| without an abs() pass
+    return torch.stack([count, total, total_sq, max_abs, _nonfinite(x, buf)])
 
 
 class Scratch:

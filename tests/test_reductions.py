@@ -63,6 +63,17 @@ def test_sum_of_squares_of_large_half_values_is_finite():
     assert math.isfinite(R.gradient_totals(big)[R.G_SUMSQ].item())
 
 
+def test_subnormal_values_give_finite_moments_and_no_nonfinite_count():
+    # Scaling 1e-40 up towards 1 must not overflow the float32 scale factor (it read NaN before).
+    y = torch.tensor([1e-40, 2e-40, 0.0])
+    for totals, total, sumsq, nonfinite in (
+        (R.activation_totals(y).tolist(), R.A_SUM, R.A_SUMSQ, R.A_NONFINITE),
+        (R.gradient_totals(y).tolist(), R.G_SUM, R.G_SUMSQ, R.G_NONFINITE),
+    ):
+        assert totals[total] == pytest.approx(3e-40, rel=1e-4)
+        assert math.isfinite(totals[sumsq]) and totals[nonfinite] == 0
+
+
 def test_nonfinite_are_counted_and_moments_read_nan():
     y = torch.tensor([1.0, float("nan"), float("inf"), -float("inf"), 0.0])
     t = R.activation_totals(y).tolist()
