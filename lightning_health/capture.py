@@ -147,7 +147,7 @@ class Capture:
         self._compiled = compile_reductions
         self._thresholds: dict[tuple[int, torch.device], Tensor] = {}  # fused-kernel saturation thresholds
         self.scratch = R.Scratch()  # one reused temporary per device for the eager reductions
-        self._device_edges: dict[tuple[str | None, torch.device], Tensor] = {}  # edges copied to each device once
+        self._device_edges: dict[tuple[str | None, torch.device], tuple[Tensor, Tensor]] = {}  # made once
         self._handles: list[RemovableHandle] = []
         self._broken: set[int] = set()
         self.track_abs = False  # also sum |activation| per unit on training steps (dormancy readings)
@@ -236,23 +236,25 @@ class Capture:
         totals = self._activation_totals(index, y)
         buf.act = totals if buf.act is None else R.combine_activation_totals(buf.act, totals)
         if self.act_edges is not None:
-            hist = R.histogram_counts(R.histogram_sample(y, self._samples), self._edges_on(layer.name, y.device))
+            hist = R.histogram_counts(R.histogram_sample(y, self._samples), *self._edges_on(layer.name, y.device))
             buf.act_hist = hist if buf.act_hist is None else buf.act_hist + hist
         if self.track_abs:
-            sums, prev_sums = unit_abs_sums(y, dim), buf.abs_sums.get(slot)
+            sums, prev_sums = unit_abs_sums(y, dim, scratch=self.scratch.get(y)), buf.abs_sums.get(slot)
             same = prev_sums is not None and prev_sums.shape == sums.shape
             buf.abs_sums[slot] = prev_sums + sums if same else sums  # type: ignore[operator]
             buf.abs_counts[slot] = (buf.abs_counts[slot] if same else 0) + unit_counts(y, dim)
 
-    def _edges_on(self, layer: str | None, device: torch.device) -> Tensor:
-        """Histogram edges (a layer's, or the gradients' for ``None``) on ``device``, copied there once."""
+    def _edges_on(self, layer: str | None, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Histogram edges (a layer's, or the gradients' for ``None``) and their bucket boundaries on
+        ``device``, made there once: a per-call copy would block the host on an accelerator."""
         key = (layer, device)
-        edges = self._device_edges.get(key)
-        if edges is None:
+        cached = self._device_edges.get(key)
+        if cached is None:
             source = self.grad_edges if layer is None else self.act_edges[layer]  # type: ignore[index]
             assert source is not None
-            edges = self._device_edges[key] = source.to(device=device, dtype=torch.float32)
-        return edges
+            edges = source.to(device=device, dtype=torch.float32)
+            cached = self._device_edges[key] = (edges, R.bucket_boundaries(edges))
+        return cached
 
     def _activation_totals(self, index: int, y: Tensor) -> Tensor:
         bounds = self.layers[index].profile.bounds
@@ -278,5 +280,5 @@ class Capture:
         totals = kernels.gradient_totals(g) if self._compiled else R.gradient_totals(g, scratch=self.scratch.get(g))
         buf.grad = totals if buf.grad is None else R.combine_gradient_totals(buf.grad, totals)
         if self.grad_edges is not None:
-            hist = R.histogram_counts(R.histogram_sample(g, self._samples), self._edges_on(None, g.device))
+            hist = R.histogram_counts(R.histogram_sample(g, self._samples), *self._edges_on(None, g.device))
             buf.grad_hist = hist if buf.grad_hist is None else buf.grad_hist + hist

@@ -235,26 +235,39 @@ def histogram_sample(x: Tensor, max_samples: int) -> Tensor:
     return flat.float()
 
 
-def histogram_counts(x: Tensor, edges: Tensor) -> Tensor:
+def bucket_boundaries(edges: Tensor) -> Tensor:
+    """Boundaries that let one ``bucketize`` produce :func:`histogram_counts`' whole layout.
+
+    The last edge is nudged up to the next float, so a value equal to it lands in the last bin
+    (NumPy's closed last bin), and the largest float32 is appended, so ``+inf`` (every non-finite
+    value is mapped there first) gets a slot of its own. Computed once per set of edges.
+    """
+    e = edges.detach().to(torch.float32).clone()
+    e[-1] = torch.nextafter(e[-1], torch.tensor(math.inf, dtype=torch.float32, device=e.device))
+    return torch.cat([e, e.new_full((1,), _FLOAT32_MAX)])
+
+
+def histogram_counts(x: Tensor, edges: Tensor, boundaries: Tensor | None = None) -> Tensor:
     """Counts of ``x`` in the bins given by ``edges``, with nothing dropped.
 
     Returns a float64 vector of length ``len(edges) + 2``:
     ``[below edges[0], bin 0, ..., bin B-1, above edges[-1], nonfinite]`` where bin i holds
     ``edges[i] <= v < edges[i+1]`` and the last bin also holds ``v == edges[-1]`` (NumPy's rule).
+    A finite value equal to the largest float32 (3.4e38) is counted as non-finite.
+
+    Args:
+        x: the values (any shape and floating dtype).
+        edges: the sorted bin edges.
+        boundaries: :func:`bucket_boundaries` of ``edges`` on ``x``'s device, when the caller keeps
+            them (the hot path does: building them per call would be a host-to-device copy).
 
     Example:
         >>> histogram_counts(torch.tensor([-5.0, 0.5, 1.0, float("nan")]), torch.tensor([0.0, 1.0])).tolist()
         [1.0, 2.0, 0.0, 1.0]
     """
-    v = _as_float(x).reshape(-1).float().contiguous()
-    # Callers on an accelerator pass edges already on its device (a per-call copy would block).
-    e = edges if edges.device == v.device and edges.dtype == torch.float32 else edges.to(v.device, torch.float32)
-    n_edges = e.numel()
-    # right=True gives the count of edges <= v, i.e. bin index + 1 for edges[i] <= v < edges[i+1].
-    idx = torch.bucketize(v, e, right=True)
-    idx.sub_((v == e[-1]).to(idx.dtype))  # the last bin is closed, as in NumPy
-    idx.masked_fill_(~torch.isfinite(v), n_edges + 1)
-    return torch.bincount(idx, minlength=n_edges + 2).to(_WIDE)
+    b = boundaries if boundaries is not None else bucket_boundaries(edges.to(x.device))
+    v = _as_float(x).reshape(-1).float().nan_to_num(nan=math.inf, neginf=math.inf)  # non-finite -> last slot
+    return torch.bincount(torch.bucketize(v, b, right=True), minlength=b.numel() + 1).to(_WIDE)
 
 
 def symlog_edges(bins: int, smallest: float, largest: float) -> Tensor:

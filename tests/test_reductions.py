@@ -164,6 +164,15 @@ def test_histogram_counts_equal_numpy_exactly(dtype):
     assert sum(counts) == s.size
 
 
+def test_histogram_edge_values_and_infinities_land_where_numpy_puts_them():
+    edges = torch.tensor([-1.0, 0.0, 1.0])
+    x = torch.tensor([-1.0, 0.0, 1.0, -float("inf"), float("inf"), 1.0000001, -1.0000001])
+    boundaries = R.bucket_boundaries(edges)
+    assert R.histogram_counts(x, edges).tolist() == [1.0, 1.0, 2.0, 1.0, 2.0]
+    assert torch.equal(R.histogram_counts(x, edges, boundaries), R.histogram_counts(x, edges))
+    assert np.histogram(x[:3].numpy(), bins=edges.numpy())[0].tolist() == [1, 2]
+
+
 def test_histogram_sample_is_fixed_size_and_strided():
     x = torch.arange(10_000, dtype=torch.float32)
     s = R.histogram_sample(x, 1000)
