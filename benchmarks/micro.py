@@ -14,7 +14,7 @@ tensors only, with 2 threads:
 The ratio of the two is the distance to the physical limit (issue 5's target: within 4x). A
 breakdown per reduction shows where that time goes.
 
-Run: ``python -m benchmarks.micro [--workloads mlp,cnn,lm] [--repeats 20]``.
+Run: ``python -m benchmarks.micro [--workloads mlp,cnn,lm] [--repeats 20] [--compiled]``.
 """
 
 from __future__ import annotations
@@ -194,18 +194,60 @@ def micro_markdown(workloads: Sequence[str], *, tiny: bool = False, repeats: int
     return "\n".join(lines) + "\n"
 
 
+def compiled_markdown(workloads: Sequence[str], *, tiny: bool = False, repeats: int = 20) -> str:
+    """Eager against compiled (``compile_reductions=True``) activation and gradient totals, per workload.
+
+    Only the totals are compiled (fire masks and histograms stay eager), so only they are compared.
+    The one-off compilation happens in the warm-up call and is not timed.
+    """
+    from lightning_health import kernels
+    from lightning_health import reductions as R
+
+    torch.set_num_threads(NUM_THREADS)
+    lines = [
+        "## Activation and gradient totals: eager against `compile_reductions=True`",
+        "",
+        f"`python -m benchmarks.micro --compiled`: median of {repeats} runs, 2 threads, one host transfer each.",
+        "",
+        "| workload | one read (ms) | eager totals (ms) | compiled totals (ms) | compiled / eager |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for workload in workloads:
+        c = capture(workload, tiny=tiny)
+        scratch = R.Scratch()
+        pairs = list(zip(c.activations, c.bounds, strict=True))
+        thresholds = [kernels.saturation_thresholds(b, 0.01, y.device) for y, b in pairs]
+
+        def eager(c: Captured = c, pairs: list = pairs, scratch: R.Scratch = scratch) -> list[float]:
+            acts = [R.activation_totals(y, b, 0.01, scratch.get(y)) for y, b in pairs]
+            return torch.cat(acts + [R.gradient_totals(g, scratch.get(g)) for g in c.gradients]).tolist()
+
+        def compiled(c: Captured = c, thresholds: list[Tensor] = thresholds) -> list[float]:
+            acts = [kernels.activation_totals(y, t) for y, t in zip(c.activations, thresholds, strict=True)]
+            return torch.cat(acts + [kernels.gradient_totals(g) for g in c.gradients]).tolist()
+
+        read_s, eager_s, compiled_s = (_time(fn, repeats) for fn in (lambda c=c: one_read(c), eager, compiled))
+        times = " | ".join(f"{t * 1e3:.2f}" for t in (read_s, eager_s, compiled_s))
+        lines.append(f"| {workload} | {times} | {compiled_s / eager_s:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print the micro-benchmark table."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.micro", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated, from mlp,cnn,lm")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--compiled", action="store_true", help="compare eager and compiled totals instead")
     args = parser.parse_args(argv)
     names = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = [w for w in names if w not in WORKLOADS]
     if unknown:
         parser.error(f"Expected `--workloads` from {', '.join(WORKLOADS)}, got {args.workloads!r}")
-    print(micro_markdown(names, tiny=args.tiny, repeats=args.repeats))
+    if args.compiled:
+        print(compiled_markdown(names, tiny=args.tiny, repeats=args.repeats))
+    else:
+        print(micro_markdown(names, tiny=args.tiny, repeats=args.repeats))
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ class Capture:
         self.buffers = [StepBuffers() for _ in self.layers]
         self.mode = Mode.OFF
         self.grad_scale: Tensor | None = None  # AMP loss scale to divide activation gradients by
-        self.forward_order: list[int] = []  # layer indices in the order of their first call
+        self.forward_order: dict[int, None] = {}  # layer indices in the order of their first call
         self.act_edges = dict(act_edges) if act_edges is not None else None
         self.grad_edges = grad_edges
         self._samples = histogram_samples
@@ -231,8 +231,7 @@ class Capture:
         buf.fired[slot] = fired if prev is None or prev.shape != fired.shape else prev | fired
         if self.mode is Mode.VAL:
             return
-        if index not in self.forward_order:
-            self.forward_order.append(index)
+        self.forward_order.setdefault(index)  # a dict: O(1) on the hook path, keeps first-call order
         totals = self._activation_totals(index, y)
         buf.act = totals if buf.act is None else R.combine_activation_totals(buf.act, totals)
         if self.act_edges is not None:

@@ -49,8 +49,8 @@ def unit_abs_sums(x: Tensor, neuron_dim: int = -1, scratch: Tensor | None = None
     Args:
         x: the post-activation tensor, any floating dtype (bf16/fp16 are widened to float32 before summing).
         neuron_dim: the axis that indexes units (``-1`` for features, ``1`` for conv channels).
-        scratch: an optional reusable float32 buffer of at least ``x.numel()`` elements for ``|x|``
-            (a fresh full-size temporary costs ~4x the sum on a CPU for a conv activation).
+        scratch: an optional reusable float32 buffer for ``|x|``, used a few examples at a time
+            when at least one example fits (see :class:`lightning_health.reductions.Scratch`).
 
     Returns:
         A float64 vector with one entry per unit, on ``x``'s device. NaN propagates: a unit that
@@ -74,11 +74,20 @@ def unit_abs_sums(x: Tensor, neuron_dim: int = -1, scratch: Tensor | None = None
     # Exact zeros stay exact, so tau = 0 still means "output 0 everywhere".
     if x.dtype != _WIDE:
         x = x.float()  # no copy for float32
-    if scratch is not None and x.dtype == scratch.dtype and scratch.numel() >= x.numel():
-        a = torch.abs(x, out=scratch[: x.numel()].view(x.shape))
-    else:
-        a = x.abs()
-    return (a.sum(dim=others) if others else a).to(_WIDE)
+    if not others:
+        return x.abs().to(_WIDE)
+    per_row = x.numel() // max(x.shape[0], 1)
+    if scratch is None or x.dtype != scratch.dtype or dim == 0 or per_row == 0 or per_row > scratch.numel():
+        return x.abs().sum(dim=others).to(_WIDE)
+    # |x| of a few examples at a time into the reused buffer: a fresh full-size temporary costs
+    # ~4x the sum on a CPU for a conv activation.
+    rows = scratch.numel() // per_row
+    total = None
+    for part in x.split(rows):
+        s = torch.abs(part, out=scratch[: part.numel()].view(part.shape)).sum(dim=others)
+        total = s if total is None else total.add_(s)
+    assert total is not None
+    return total.to(_WIDE)
 
 
 def unit_counts(x: Tensor, neuron_dim: int = -1) -> int:

@@ -28,6 +28,9 @@ GRADIENT_WIDTH = 5
 
 _WIDE = torch.float64
 _FLOAT32_MAX = torch.finfo(torch.float32).max
+# Elements reduced per pass over a large tensor: bounds the reused temporary at 8 MiB whatever the
+# layer's size (a 33 MiB conv activation would otherwise keep a 33 MiB buffer alive all run).
+CHUNK = 1 << 21
 
 
 def _as_float(x: Tensor) -> Tensor:
@@ -106,8 +109,9 @@ def activation_totals(
             output range from either bound. ``None`` means the activation has no flat shoulder and
             nothing counts as saturated (a large positive ReLU input is not saturated).
         margin: the saturation band as a fraction of ``high - low``.
-        scratch: an optional float32 buffer of at least ``y.numel()`` elements to reuse for the
-            temporary (see :class:`Scratch`); its contents are overwritten.
+        scratch: an optional float32 buffer of at least ``min(y.numel(), CHUNK)`` elements to
+            reuse for the temporary (see :class:`Scratch`); its contents are overwritten. Tensors
+            larger than :data:`CHUNK` are reduced chunk by chunk.
 
     Returns:
         ``[count, sum, sum_sq, min, max, zeros, saturated, nonfinite]``. Moments include every
@@ -121,6 +125,9 @@ def activation_totals(
     x = _as_float(y).reshape(-1)
     if x.numel() == 0:
         return empty_activation_totals(x.device)
+    if x.numel() > CHUNK:
+        parts = torch.stack([activation_totals(part, bounds, margin, scratch) for part in x.split(CHUNK)])
+        return _combine_chunks(parts, mins=(A_MIN,), maxes=(A_MAX,))
     buf = _buffer(x, scratch)
     lo, hi = torch.aminmax(x)
     total, total_sq = _centred_moments(x, lo, hi, buf)
@@ -147,6 +154,9 @@ def gradient_totals(g: Tensor, scratch: Tensor | None = None) -> Tensor:
     x = _as_float(g).reshape(-1)
     if x.numel() == 0:
         return empty_gradient_totals(x.device)
+    if x.numel() > CHUNK:
+        parts = torch.stack([gradient_totals(part, scratch) for part in x.split(CHUNK)])
+        return _combine_chunks(parts, mins=(), maxes=(G_ABSMAX,))
     buf = _buffer(x, scratch)
     lo, hi = torch.aminmax(x)
     total, total_sq = _centred_moments(x, lo, hi, buf)
@@ -155,11 +165,21 @@ def gradient_totals(g: Tensor, scratch: Tensor | None = None) -> Tensor:
     return torch.stack([count, total, total_sq, max_abs, _nonfinite(x, buf)])
 
 
-class Scratch:
-    """One reusable float32 buffer per device, grown to the largest tensor seen.
+def _combine_chunks(parts: Tensor, mins: tuple[int, ...], maxes: tuple[int, ...]) -> Tensor:
+    """Totals of a tensor from the stacked totals of its chunks: sums add, extremes combine."""
+    out = parts.sum(0)
+    for i in mins:
+        out[i] = parts[:, i].amin()
+    for i in maxes:
+        out[i] = parts[:, i].amax()
+    return out
 
-    The reductions write one temporary per tensor; reusing it keeps a sampled step from
-    allocating (and, on a CPU, page-faulting) a fresh full-size buffer for every layer.
+
+class Scratch:
+    """One reusable float32 buffer per device, as large as the largest tensor seen up to :data:`CHUNK`.
+
+    The reductions write one temporary per tensor (per chunk of a large one); reusing it keeps a
+    sampled step from allocating (and, on a CPU, page-faulting) a fresh buffer for every layer.
     """
 
     def __init__(self) -> None:
@@ -167,8 +187,9 @@ class Scratch:
 
     def get(self, like: Tensor) -> Tensor:
         buf = self._buffers.get(like.device)
-        if buf is None or buf.numel() < like.numel():
-            buf = torch.empty(like.numel(), dtype=torch.float32, device=like.device)
+        size = min(like.numel(), CHUNK)
+        if buf is None or buf.numel() < size:
+            buf = torch.empty(size, dtype=torch.float32, device=like.device)
             self._buffers[like.device] = buf
         return buf
 

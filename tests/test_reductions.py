@@ -63,6 +63,23 @@ def test_sum_of_squares_of_large_half_values_is_finite():
     assert math.isfinite(R.gradient_totals(big)[R.G_SUMSQ].item())
 
 
+def test_large_tensors_are_reduced_in_chunks_with_the_same_totals(monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    y = torch.randn(10, 103, generator=g).tanh()
+    y[3, 7] = float("inf")
+    whole_act, whole_grad = R.activation_totals(y, (-1.0, 1.0)), R.gradient_totals(y)
+    monkeypatch.setattr(R, "CHUNK", 64)  # 17 chunks, the last one short
+    scratch = R.Scratch()
+    assert scratch.get(y).numel() == 64  # the reused buffer never exceeds one chunk
+    torch.testing.assert_close(R.activation_totals(y, (-1.0, 1.0), scratch=scratch.get(y)), whole_act, equal_nan=True)
+    torch.testing.assert_close(R.gradient_totals(y, scratch=scratch.get(y)), whole_grad, equal_nan=True)
+    finite = y.clone()
+    finite[3, 7] = -5.0
+    chunked = R.activation_totals(finite).tolist()
+    assert chunked[R.A_MIN] == -5.0 and chunked[R.A_MAX] == finite.max().item()
+    assert chunked[R.A_SUMSQ] == pytest.approx(finite.double().square().sum().item(), rel=1e-6)
+
+
 def test_subnormal_values_give_finite_moments_and_no_nonfinite_count():
     # Scaling 1e-40 up towards 1 must not overflow the float32 scale factor (it read NaN before).
     y = torch.tensor([1e-40, 2e-40, 0.0])
