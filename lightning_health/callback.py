@@ -84,9 +84,10 @@ class HealthMonitor(CallbackBase):
         burst_steps: when a finding turns critical (a NaN, an explosion, a layer dying), sample
             every step for this many steps so the moment things broke is recorded in detail.
             ``0`` disables bursts.
-        compile_reductions: fuse each tensor's readings into one compiled kernel
-            (``torch.compile``): about the cost of one read of the tensor instead of one pass per
-            reading, after a one-off compilation (tens of seconds on a CPU). Worth it for long runs.
+        compile_reductions: compute each tensor's totals in one compiled kernel
+            (``torch.compile``, float64 accumulation) instead of a few eager passes. Experimental:
+            on a CPU it measured slower than the eager reductions and costs a one-off compilation
+            and ~70 MiB (see docs/performance.md); it has not been measured on a GPU.
         verbose: print the watched layers at start, critical findings as they appear, and the
             per-layer chart at the end of fit (rank zero only).
         writer: a ``torch.utils.tensorboard.SummaryWriter`` (or a log directory to open one in) to

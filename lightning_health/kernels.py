@@ -1,11 +1,13 @@
-"""The activation and gradient totals as single fused kernels (``torch.compile``), opt-in.
+"""The activation and gradient totals as single fused kernels (``torch.compile``), opt-in and experimental.
 
-Eager PyTorch runs each reading as its own pass over the tensor, and on a CPU every pass that
-writes a full-size temporary (a widened copy, a comparison mask) costs tens of times a plain
-``sum``. Compiled, the same maths becomes one loop that reads each value once and keeps every
-accumulator in registers: about the cost of one read of the tensor. Compilation happens once per
-dtype and kind of activation (tens of seconds on a CPU, cached on disk by inductor), so this pays
-for long runs; it is off by default (``HealthMonitor(compile_reductions=True)`` turns it on).
+The idea: compiled, the readings become one loop that reads each value once and keeps every
+accumulator in registers. Measured on a CPU (``python -m benchmarks.micro --compiled``), it does
+not pay: inductor's CPU code for the float64 accumulators is not vectorised, and these kernels
+run slower than the eager reductions, whose float32 passes use the CPU's fastest kernels (a
+float32-accumulating variant was 2-4x faster than eager on large tensors but lost ~1e-4 relative
+precision, and was not adopted). Compilation happens once per dtype and kind of activation
+(seconds on a CPU, cached on disk by inductor). Not measured on a GPU. Off by default
+(``HealthMonitor(compile_reductions=True)`` turns it on).
 
 The results equal :func:`lightning_health.reductions.activation_totals` and
 :func:`~lightning_health.reductions.gradient_totals` (same layout, float64 accumulation).

@@ -88,7 +88,7 @@ def _centred_moments(x: Tensor, lo: Tensor, hi: Tensor, buf: Tensor) -> tuple[Te
 
 
 def _count(mark: Tensor) -> Tensor:
-    """The number of ones in a float 0/1 buffer, as float64 (float32 partial sums are exact to 2**24)."""
+    """The number of ones in a float 0/1 buffer of at most CHUNK elements, as float64 (exact: < 2**24)."""
     return mark.sum().to(_WIDE)
 
 
