@@ -126,8 +126,7 @@ def activation_totals(
     if x.numel() == 0:
         return empty_activation_totals(x.device)
     if x.numel() > CHUNK:
-        parts = torch.stack([activation_totals(part, bounds, margin, scratch) for part in x.split(CHUNK)])
-        return _combine_chunks(parts, mins=(A_MIN,), maxes=(A_MAX,))
+        return combine_activation_totals(*(activation_totals(p, bounds, margin, scratch) for p in x.split(CHUNK)))
     buf = _buffer(x, scratch)
     lo, hi = torch.aminmax(x)
     total, total_sq = _centred_moments(x, lo, hi, buf)
@@ -155,24 +154,13 @@ def gradient_totals(g: Tensor, scratch: Tensor | None = None) -> Tensor:
     if x.numel() == 0:
         return empty_gradient_totals(x.device)
     if x.numel() > CHUNK:
-        parts = torch.stack([gradient_totals(part, scratch) for part in x.split(CHUNK)])
-        return _combine_chunks(parts, mins=(), maxes=(G_ABSMAX,))
+        return combine_gradient_totals(*(gradient_totals(part, scratch) for part in x.split(CHUNK)))
     buf = _buffer(x, scratch)
     lo, hi = torch.aminmax(x)
     total, total_sq = _centred_moments(x, lo, hi, buf)
     count = x.new_full((), float(x.numel()), dtype=_WIDE)
     max_abs = torch.maximum(lo.neg(), hi)  # max |g| without an abs() pass
     return torch.stack([count, total, total_sq, max_abs, _nonfinite(x, buf)])
-
-
-def _combine_chunks(parts: Tensor, mins: tuple[int, ...], maxes: tuple[int, ...]) -> Tensor:
-    """Totals of a tensor from the stacked totals of its chunks: sums add, extremes combine."""
-    out = parts.sum(0)
-    for i in mins:
-        out[i] = parts[:, i].amin()
-    for i in maxes:
-        out[i] = parts[:, i].amax()
-    return out
 
 
 class Scratch:
@@ -197,19 +185,25 @@ class Scratch:
         self._buffers.clear()
 
 
-def combine_activation_totals(a: Tensor, b: Tensor) -> Tensor:
-    """Totals of the union of two sets of values (sums add, min/max combine)."""
-    out = a + b
-    out[A_MIN] = torch.minimum(a[A_MIN], b[A_MIN])
-    out[A_MAX] = torch.maximum(a[A_MAX], b[A_MAX])
+def _combine(totals: Sequence[Tensor], mins: tuple[int, ...], maxes: tuple[int, ...]) -> Tensor:
+    """Totals of the union of several sets of values: sums add, the fields at ``mins``/``maxes`` combine."""
+    parts = torch.stack(list(totals))
+    out = parts.sum(0)
+    for i in mins:
+        out[i] = parts[:, i].amin()
+    for i in maxes:
+        out[i] = parts[:, i].amax()
     return out
 
 
-def combine_gradient_totals(a: Tensor, b: Tensor) -> Tensor:
-    """Totals of the union of two sets of gradient values."""
-    out = a + b
-    out[G_ABSMAX] = torch.maximum(a[G_ABSMAX], b[G_ABSMAX])
-    return out
+def combine_activation_totals(*totals: Tensor) -> Tensor:
+    """Totals of the union of sets of values (sums add, min/max combine): calls, micro-batches, chunks."""
+    return _combine(totals, mins=(A_MIN,), maxes=(A_MAX,))
+
+
+def combine_gradient_totals(*totals: Tensor) -> Tensor:
+    """Totals of the union of sets of gradient values."""
+    return _combine(totals, mins=(), maxes=(G_ABSMAX,))
 
 
 def unit_fire_mask(y: Tensor, neuron_dim: int) -> Tensor:
