@@ -50,7 +50,7 @@ class Captured:
 
 def capture(workload: str, *, tiny: bool = False, seed: int = 0) -> Captured:
     """Run one forward/backward of ``workload`` and keep the default-selected layers' tensors."""
-    from lightning_health.selection import select_layers
+    from lightning_health.capture.selection import select_layers
 
     module, loader = make_workload(workload, num_batches=1, tiny=tiny, seed=seed)
     layers = select_layers(module)
@@ -89,7 +89,7 @@ def one_read(c: Captured) -> list[float]:
 
 
 def _parts(c: Captured, bins: int = 64, samples: int = 8192) -> dict[str, Callable[[], list[Tensor]]]:
-    from lightning_health import reductions as R
+    from lightning_health.readings import reductions as R
 
     act_edges = R.symlog_edges(bins, 1e-4, 1e4)
     grad_edges = R.symlog_edges(bins, 1e-9, 1e3)
@@ -200,8 +200,8 @@ def compiled_markdown(workloads: Sequence[str], *, tiny: bool = False, repeats: 
     Only the totals are compiled (fire masks and histograms stay eager), so only they are compared.
     The one-off compilation happens in the warm-up call and is not timed.
     """
-    from lightning_health import kernels
-    from lightning_health import reductions as R
+    from lightning_health.readings import kernels
+    from lightning_health.readings import reductions as R
 
     torch.set_num_threads(NUM_THREADS)
     lines = [

@@ -21,8 +21,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_health import HealthMonitor
-from lightning_health.patients import PatientMLP, patient_loaders
-from lightning_health.report import print_report
+from lightning_health.offline.patients import PatientMLP, patient_loaders
+from lightning_health.sinks.console import print_report
 
 PATIENTS = {
     "healthy": {"init": "kaiming", "lr": 0.05},

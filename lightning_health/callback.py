@@ -23,20 +23,20 @@ from typing import Any, Literal
 import torch
 from typing_extensions import override
 
-from lightning_health import reductions as R
 from lightning_health._compat import CallbackBase, amp_found_inf, grad_scale_tensor, rank_zero
-from lightning_health.accumulate import Accumulator, LayerReading, ParamGradNorms, layer_param_groups
-from lightning_health.capture import Capture, Mode
+from lightning_health.capture.hooks import Capture, Mode
+from lightning_health.capture.selection import LayerSpec, MonitoredLayer, select_layers, validate_layer_spec
 from lightning_health.diagnosis import Finding, FindingLog, Thresholds, evaluate
-from lightning_health.heatmap import render_heatmap
-from lightning_health.history import History
-from lightning_health.report import HealthReport, print_report
-from lightning_health.rescue_policy import RescueEvent, RescueMode
-from lightning_health.rescue_runner import RescueInit, Rescuer, RescueSettings, warn_refused
-from lightning_health.schedule import SamplingSchedule, validate_every_n_steps
-from lightning_health.selection import LayerSpec, MonitoredLayer, select_layers, validate_layer_spec
+from lightning_health.pipeline.accumulate import Accumulator, LayerReading, ParamGradNorms, layer_param_groups
+from lightning_health.pipeline.history import History
+from lightning_health.pipeline.schedule import SamplingSchedule, validate_every_n_steps
+from lightning_health.readings import reductions as R
+from lightning_health.rescue.policy import RescueEvent, RescueMode
+from lightning_health.rescue.runner import RescueInit, Rescuer, RescueSettings, warn_refused
 from lightning_health.sinks import Histogram, SinkSet, sinks_for
+from lightning_health.sinks.console import HealthReport, print_report
 from lightning_health.sinks.format import run_summary
+from lightning_health.sinks.heatmap import render_heatmap
 
 OnCritical = Literal["warn", "stop", "raise"]
 _ON_CRITICAL = ("warn", "stop", "raise")
@@ -288,7 +288,7 @@ class HealthMonitor(CallbackBase):
         raise KeyError(f"Expected `layer` to be a monitored layer that has been read, got {layer!r}")
 
     def report(self, title: str = "HealthMonitor") -> HealthReport:
-        """The per-layer chart and findings as data (see :mod:`lightning_health.report`)."""
+        """The per-layer chart and findings as data (see :mod:`lightning_health.sinks.console`)."""
         names = self.monitored_layers or sorted(self.curves("act_std"))
         latest = {name: self._history.latest(name) for name in names}
         steps = [pts[-1][0] for m in self._history.metrics() for pts in self.curves(m).values() if pts]

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import TextIO
 
 from lightning_health.diagnosis import Finding, Thresholds, diagnose_curves
-from lightning_health.report import HealthReport, print_report
-from lightning_health.run_summary import course_of_disease, death_onsets, first_nonfinite_step, latest_readings
-from lightning_health.tensorboard_reader import RunHealth, make_names_unique, read_path
+from lightning_health.offline.event_reader import RunHealth, make_names_unique, read_path
+from lightning_health.offline.run_summary import course_of_disease, death_onsets, first_nonfinite_step, latest_readings
+from lightning_health.sinks.console import HealthReport, print_report
 
 PROG = "lightning-health"
 EXIT_OK = 0
@@ -153,7 +153,7 @@ def _png_path(base: str, run: RunHealth, several: bool) -> Path:
 
 
 def _write_pngs(runs: list[RunHealth], base: str) -> dict[str, str | None]:
-    from lightning_health.panel import save_run_panel
+    from lightning_health.sinks.panel import save_run_panel
 
     written: dict[str, str | None] = {}
     for run in runs:
@@ -290,7 +290,7 @@ def _report_json(runs: list[RunHealth], pngs: dict[str, str | None]) -> dict[str
 
 
 def _demo_command(args: argparse.Namespace) -> int:
-    from lightning_health.demo import PATIENTS, train_patient
+    from lightning_health.offline.demo import PATIENTS, train_patient
 
     out_dir = Path(args.out)
     stream = sys.stdout

@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 
 from lightning_health import HealthCriticalError, HealthMonitor
-from lightning_health.patients import PatientMLP, patient_loaders
+from lightning_health.offline.patients import PatientMLP, patient_loaders
 from tests.conftest import trainer_kwargs
 
 METRICS = (

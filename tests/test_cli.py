@@ -15,8 +15,8 @@ pytest.importorskip("matplotlib")
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_health.cli import main
-from lightning_health.panel import panel_png, panel_rgb
-from lightning_health.tensorboard_reader import read_runs, split_health_tag
+from lightning_health.offline.event_reader import read_runs, split_health_tag
+from lightning_health.sinks.panel import panel_png, panel_rgb
 
 LAYERS = ("net.1", "net.3", "blocks.0.mlp.act")
 STEPS = range(0, 100, 10)

@@ -20,12 +20,12 @@ from torch import nn
 
 from lightning_health import HealthMonitor
 from lightning_health.diagnosis import Finding
-from lightning_health.heatmap import heatmap_grid, render_heatmap
-from lightning_health.patients import patient_loaders
-from lightning_health.reductions import histogram_sample
+from lightning_health.offline.patients import patient_loaders
+from lightning_health.readings.reductions import histogram_sample
 from lightning_health.sinks import SinkBase, SinkSet
 from lightning_health.sinks.base import Histogram
 from lightning_health.sinks.format import findings_markdown, run_summary
+from lightning_health.sinks.heatmap import heatmap_grid, render_heatmap
 from lightning_health.sinks.tensorboard import panel_layout, raw_histogram_args
 from tests.conftest import read_tb_scalars, trainer_kwargs
 from tests.wandb_files import read_run

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_health.dormancy import dormant_mask, dormant_scores, unit_abs_sums, unit_counts, update_last_fired
+from lightning_health.readings.dormancy import (
+    dormant_mask,
+    dormant_scores,
+    unit_abs_sums,
+    unit_counts,
+    update_last_fired,
+)
 
 
 def _np_abs_sums(x: np.ndarray, dim: int) -> np.ndarray:

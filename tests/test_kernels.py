@@ -6,9 +6,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_health import HealthMonitor, kernels
-from lightning_health import reductions as R
-from lightning_health.patients import PatientMLP, patient_loaders
+from lightning_health import HealthMonitor
+from lightning_health.offline.patients import PatientMLP, patient_loaders
+from lightning_health.readings import kernels
+from lightning_health.readings import reductions as R
 from tests.conftest import trainer_kwargs
 
 pytestmark = pytest.mark.slow  # one inductor compilation per variant (cached on disk afterwards)

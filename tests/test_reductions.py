@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_health import reductions as R
+from lightning_health.readings import reductions as R
 
 
 def _np_ref(x: np.ndarray) -> dict[str, float]:

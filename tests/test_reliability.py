@@ -27,8 +27,8 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 
 from lightning_health import HealthMonitor
-from lightning_health import reductions as R
-from lightning_health.patients import PatientMLP, patient_loaders
+from lightning_health.offline.patients import PatientMLP, patient_loaders
+from lightning_health.readings import reductions as R
 from tests.conftest import trainer_kwargs
 
 
@@ -518,7 +518,7 @@ def test_sharded_strategies_warn_at_setup_and_stay_idle(strategy):
 
 def test_an_amp_overflow_step_is_not_a_critical_finding():
     """A GradScaler whose scale is too large overflows and skips steps by design: no false alarm."""
-    from lightning_health.patients import PatientMLP
+    from lightning_health.offline.patients import PatientMLP
 
     monitor = HealthMonitor(every_n_steps=1, verbose=False)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # fp16 gradients overflow for several steps

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_health.dormancy import dormant_mask, unit_abs_sums, unit_counts
+from lightning_health.readings.dormancy import dormant_mask, unit_abs_sums, unit_counts
 from lightning_health.rescue import find_units_weights, reinit_dead_units, replace_activation
 
 LOSS_JUMP_BOUND = 1e-6

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from lightning_health import HealthMonitor
-from lightning_health.patients import patient_data
+from lightning_health.offline.patients import patient_data
 from tests.conftest import ddp_spawn_kwargs
 from tests.test_rescue_monitor import DyingMLP
 

@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from lightning_health import HealthMonitor
-from lightning_health.patients import patient_data, patient_loaders
+from lightning_health.offline.patients import patient_data, patient_loaders
 from tests.conftest import trainer_kwargs
 
 LOSS_JUMP_BOUND = 1e-6

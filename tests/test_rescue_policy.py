@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_health.rescue_policy import RescueEvent, RescuePolicy
+from lightning_health.rescue.policy import RescueEvent, RescuePolicy
 
 
 def _net(seed: int = 0) -> nn.Sequential:

@@ -8,8 +8,8 @@ import lightning.pytorch as pl
 import pytest
 
 from lightning_health import HealthMonitor
-from lightning_health.patients import PatientMLP, patient_loaders
-from lightning_health.schedule import SamplingSchedule, budget_interval
+from lightning_health.offline.patients import PatientMLP, patient_loaders
+from lightning_health.pipeline.schedule import SamplingSchedule, budget_interval
 from tests.conftest import trainer_kwargs
 
 

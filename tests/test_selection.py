@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_health.selection import activation_profile, is_activation_module, select_layers
+from lightning_health.capture.selection import activation_profile, is_activation_module, select_layers
 
 
 class ThirdPartyGELU(nn.Module):

@@ -50,7 +50,7 @@ def unit_abs_sums(x: Tensor, neuron_dim: int = -1, scratch: Tensor | None = None
         x: the post-activation tensor, any floating dtype (bf16/fp16 are widened to float32 before summing).
         neuron_dim: the axis that indexes units (``-1`` for features, ``1`` for conv channels).
         scratch: an optional reusable float32 buffer for ``|x|``, used a few examples at a time
-            when at least one example fits (see :class:`lightning_health.reductions.Scratch`).
+            when at least one example fits (see :class:`lightning_health.readings.reductions.Scratch`).
 
     Returns:
         A float64 vector with one entry per unit, on ``x``'s device. NaN propagates: a unit that

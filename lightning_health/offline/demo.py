@@ -1,4 +1,4 @@
-"""The demo: train the two patients of :mod:`lightning_health.patients` and say what the monitor found.
+"""The demo: train the two patients of :mod:`lightning_health.offline.patients` and say what the monitor found.
 
 The same 8-16-16-16-16-4 ReLU MLP on the same 80 synthetic samples, trained with plain SGD twice:
 healthy (Kaiming initialisation, learning rate 0.05) and sick (N(0, 1) initialisation, learning rate
@@ -76,7 +76,7 @@ def train_patient(
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lightning_health.callback import HealthMonitor
-    from lightning_health.patients import PatientMLP, patient_loaders
+    from lightning_health.offline.patients import PatientMLP, patient_loaders
 
     pl.seed_everything(seed, verbose=False)
     monitor = HealthMonitor(every_n_steps=every_n_steps, dead_window=dead_window, verbose=False)

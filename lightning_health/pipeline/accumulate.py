@@ -7,7 +7,7 @@ dead-unit windows on the device, and moved to the host with one ``.tolist()``.
 
 With ``tau`` set, each layer call slot also packs its per-unit sums of ``|activation|`` and their
 count (summed across ranks like every other total) into an :class:`AbsWindow`, from which the
-tau-dormant units are counted on the device (:mod:`lightning_health.dormancy`). Every layer also
+tau-dormant units are counted on the device (:mod:`lightning_health.readings.dormancy`). Every layer also
 keeps, per unit, the last sampled step at which it fired, from the synced fire masks. Windows and
 steps are built from synced numbers only, so the masks they give are identical on every rank.
 
@@ -35,9 +35,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_health import reductions as R
-from lightning_health.capture import Capture, StepBuffers
-from lightning_health.dormancy import dormant_mask, update_last_fired
+from lightning_health.capture.hooks import Capture, StepBuffers
+from lightning_health.readings import reductions as R
+from lightning_health.readings.dormancy import dormant_mask, update_last_fired
 
 
 @dataclasses.dataclass
@@ -124,7 +124,7 @@ class AbsWindow(_Ring):
         self._advance()
 
     def dormant(self, tau: float) -> Tensor:
-        """Per-unit bool: tau-dormant over the window (see :func:`lightning_health.dormancy.dormant_mask`)."""
+        """Per-unit bool: tau-dormant over the window (see :func:`lightning_health.readings.dormancy.dormant_mask`)."""
         assert self.sums is not None and self.counts is not None
         return dormant_mask(self.sums.sum(dim=0), self.counts.sum(), tau)
 

@@ -9,8 +9,8 @@ precision, and was not adopted). Compilation happens once per dtype and kind of 
 (seconds on a CPU, cached on disk by inductor). Not measured on a GPU. Off by default
 (``HealthMonitor(compile_reductions=True)`` turns it on).
 
-The results equal :func:`lightning_health.reductions.activation_totals` and
-:func:`~lightning_health.reductions.gradient_totals` (same layout, float64 accumulation).
+The results equal :func:`lightning_health.readings.reductions.activation_totals` and
+:func:`~lightning_health.readings.reductions.gradient_totals` (same layout, float64 accumulation).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from lightning_health import reductions as R
+from lightning_health.readings import reductions as R
 
 _WIDE = torch.float64
 
@@ -79,7 +79,7 @@ def saturation_thresholds(bounds: tuple[float, float] | None, margin: float, dev
 
 
 def activation_totals(y: Tensor, thresholds: Tensor) -> Tensor:
-    """Fused equivalent of :func:`lightning_health.reductions.activation_totals`."""
+    """Fused equivalent of :func:`lightning_health.readings.reductions.activation_totals`."""
     x = y.detach()
     if x.numel() == 0:
         return R.empty_activation_totals(x.device)
@@ -87,7 +87,7 @@ def activation_totals(y: Tensor, thresholds: Tensor) -> Tensor:
 
 
 def gradient_totals(g: Tensor) -> Tensor:
-    """Fused equivalent of :func:`lightning_health.reductions.gradient_totals`."""
+    """Fused equivalent of :func:`lightning_health.readings.reductions.gradient_totals`."""
     x = g.detach()
     if x.numel() == 0:
         return R.empty_gradient_totals(x.device)

@@ -29,8 +29,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_health.rescue import InitName, UnitWeights, find_units_weights, reinit_dead_units, replace_activation
-from lightning_health.selection import activation_profile
+from lightning_health.capture.selection import activation_profile
+from lightning_health.rescue.locate import InitName, UnitWeights, find_units_weights
+from lightning_health.rescue.recycle import reinit_dead_units
+from lightning_health.rescue.swap import replace_activation
 
 RescueMode = Literal["reinit", "leaky"]
 _MODES = ("reinit", "leaky")

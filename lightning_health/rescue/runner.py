@@ -1,6 +1,6 @@
 """The monitor's side of a rescue: settings, cadence, masks from the windows, hook moves, event log, resume.
 
-:class:`~lightning_health.rescue_policy.RescuePolicy` changes weights or modules given masks; this
+:class:`~lightning_health.rescue.policy.RescuePolicy` changes weights or modules given masks; this
 module decides *when* (every ``rescue_every``-th sampled step, once a layer's window is full) and
 *on what* (the accumulator's synced dead | dormant masks, the same on every rank), keeps the
 monitor's view of the model in step with the change (after a ``leaky`` swap the forward hook
@@ -23,10 +23,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_health.accumulate import Accumulator
-from lightning_health.capture import Capture
-from lightning_health.rescue import replace_activation
-from lightning_health.rescue_policy import RescueEvent, RescueMode, RescuePolicy
+from lightning_health.capture.hooks import Capture
+from lightning_health.pipeline.accumulate import Accumulator
+from lightning_health.rescue.policy import RescueEvent, RescueMode, RescuePolicy
+from lightning_health.rescue.swap import replace_activation
 
 RescueInit = Literal["auto", "kaiming", "xavier"]
 _MODES = (None, "reinit", "leaky")

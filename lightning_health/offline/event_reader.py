@@ -6,7 +6,7 @@ The core logs every reading as a scalar tagged ``health/<metric>/<layer>`` at th
 (and anything else) can diagnose and draw a run without the model or the training process.
 
 Example:
-    >>> from lightning_health.tensorboard_reader import split_health_tag
+    >>> from lightning_health.offline.event_reader import split_health_tag
     >>> split_health_tag("health/dead_fraction/encoder.layers.0.act")
     ('dead_fraction', 'encoder.layers.0.act')
     >>> split_health_tag("epoch") is None

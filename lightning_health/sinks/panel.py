@@ -1,7 +1,7 @@
 """The diagnosis panel: one layer-per-line chart and a layer x step heatmap of one reading.
 
 Rendering only: the panel is drawn from curves (``{layer: [(step, value), ...]}``, the shape of
-``HealthMonitor.curves(metric)`` and of one metric of :class:`~lightning_health.tensorboard_reader.RunHealth`),
+``HealthMonitor.curves(metric)`` and of one metric of :class:`~lightning_health.offline.event_reader.RunHealth`),
 never from tensors. It uses matplotlib's object API with the Agg canvas, so it needs no display,
 leaves pyplot's global state alone and is safe to call from a training process.
 
@@ -27,7 +27,7 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from lightning_health.tensorboard_reader import RunHealth
+    from lightning_health.offline.event_reader import RunHealth
 
 try:
     import matplotlib  # noqa: F401

@@ -6,7 +6,7 @@ sync; they are not added and removed per step because hooks added after a ``torc
 model's first call are never seen by the compiled graph.
 
 On a sampled training step each forward hook reduces the module's output on its device (see
-:mod:`lightning_health.reductions`) and registers a tensor hook on that output, which reduces the
+:mod:`lightning_health.readings.reductions`) and registers a tensor hook on that output, which reduces the
 gradient of the loss with respect to it during backward (capturing gradients this way, instead of
 with module backward hooks, is safe with inplace activations). No activation is kept beyond its
 reduction: only fixed-size totals, per-unit fire masks and sample histograms stay on the device.
@@ -32,10 +32,10 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from lightning_health import kernels
-from lightning_health import reductions as R
-from lightning_health.dormancy import unit_abs_sums, unit_counts
-from lightning_health.selection import MonitoredLayer, activation_profile
+from lightning_health.capture.selection import MonitoredLayer, activation_profile
+from lightning_health.readings import kernels
+from lightning_health.readings import reductions as R
+from lightning_health.readings.dormancy import unit_abs_sums, unit_counts
 
 
 class Mode(enum.Enum):
@@ -117,13 +117,13 @@ class Capture:
     """Owns the hooks on the monitored modules and the per-step device buffers they fill.
 
     Args:
-        layers: the modules to read, from :func:`lightning_health.selection.select_layers`.
+        layers: the modules to read, from :func:`lightning_health.capture.selection.select_layers`.
         act_edges: histogram edges per layer name for activations (``None``: no histograms).
         grad_edges: histogram edges for activation gradients (shared by all layers).
         histogram_samples: the strided sample size each histogram is built from.
-        saturation_margin: see :func:`lightning_health.reductions.activation_totals`.
+        saturation_margin: see :func:`lightning_health.readings.reductions.activation_totals`.
         compile_reductions: compute the activation and gradient totals with the fused kernels of
-            :mod:`lightning_health.kernels` instead of eager ops.
+            :mod:`lightning_health.readings.kernels` instead of eager ops.
     """
 
     def __init__(

@@ -1,12 +1,12 @@
 """Summaries of read-back runs as plain data: latest readings, when each layer died, the course of disease.
 
 No rendering here (the command line prints these as text or JSON through
-:mod:`lightning_health.report`, :mod:`lightning_health.panel` draws them): only the choice of
+:mod:`lightning_health.sinks.console`, :mod:`lightning_health.sinks.panel` draws them): only the choice of
 which numbers describe a run.
 
 Example:
     >>> from pathlib import Path
-    >>> from lightning_health.tensorboard_reader import RunHealth
+    >>> from lightning_health.offline.event_reader import RunHealth
     >>> run = RunHealth("sick", Path("."), {"dead_fraction": {"net.1": [(0, 0.0), (10, 0.25), (20, 1.0)]}})
     >>> death_onsets(run, dead_threshold=0.2)
     {'net.1': 10}
@@ -20,7 +20,7 @@ import math
 from collections.abc import Sequence
 from typing import Protocol
 
-from lightning_health.tensorboard_reader import RunHealth
+from lightning_health.offline.event_reader import RunHealth
 
 #: Readings that count NaN/Inf values (in activations and in gradients).
 NONFINITE_METRICS = frozenset({"nonfinite", "grad_nonfinite"})
@@ -42,7 +42,7 @@ class FindingLike(Protocol):
 def latest_readings(run: RunHealth) -> dict[str, dict[str, float]]:
     """``{layer: {metric: latest value}}`` for every layer and metric of the run, in layer order.
 
-    This is the shape :meth:`lightning_health.report.HealthReport.from_latest` takes.
+    This is the shape :meth:`lightning_health.sinks.console.HealthReport.from_latest` takes.
     """
     latest: dict[str, dict[str, float]] = {layer: {} for layer in run.layers}
     for metric, per_layer in run.curves.items():

@@ -1,0 +1,18 @@
+"""What to try, per finding kind: the one place a hint's wording lives."""
+
+from __future__ import annotations
+
+HINTS = {
+    "dead": "Try LeakyReLU or GELU, He (Kaiming) initialisation, or a lower learning rate; "
+    "dead units can be re-initialised (see lightning_health.rescue).",
+    "saturated": "Use Xavier initialisation for tanh/sigmoid, normalise the inputs, or add BatchNorm/LayerNorm "
+    "before the activation.",
+    "vanishing_gradient": "Add residual connections or normalization, match the initialisation to the activation "
+    "(He for ReLU, Xavier for tanh), or switch to a ReLU-family activation.",
+    "exploding_gradient": "Lower the learning rate, clip gradients (Trainer(gradient_clip_val=1.0)), add "
+    "normalization, or scale down residual branches.",
+    "collapsed": "Check the initialisation scale (He/Xavier) and add normalization; collapse usually follows dead "
+    "or saturated layers upstream.",
+    "nonfinite": "Lower the learning rate, clip gradients, guard log/div against zero, and prefer bf16 to fp16 "
+    "when values overflow.",
+}

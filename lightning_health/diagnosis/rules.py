@@ -1,0 +1,164 @@
+"""Readings in, plain-English findings out.
+
+Rules (defaults in :class:`Thresholds`, all overridable):
+
+- ``dead``: more than 20% of a rectifier layer's units never fired across the window (warning),
+  more than 50% (critical). Judged on ``dead_fraction`` during training and on
+  ``val_dead_fraction`` after a validation pass. Only for activations with a flat zero side
+  (ReLU, GELU, SiLU, ...): a leaky or bounded activation's "never positive" unit still learns.
+- ``saturated``: more than 30% of outputs within 1% of a flat shoulder's bound (tanh, sigmoid, ...).
+- ``vanishing_gradient``: gradient std below ``1e-4`` **and** below ``1/100`` of the gradient std
+  reaching the output-side monitored layer. The relative part is what keeps a converged network
+  healthy: when the loss is near zero every gradient is small, but they are small together.
+- ``exploding_gradient``: gradient std above 10 (critical).
+- ``collapsed``: activation std below ``1e-3``: the layer says the same thing for every input.
+- ``nonfinite``: any NaN or Inf in a layer's activations or gradients (critical).
+
+Each rule is one small function registered in :data:`RULES`: adding a rule is adding a function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Mapping
+
+from lightning_health.diagnosis.findings import Finding, Severity
+from lightning_health.diagnosis.hints import HINTS
+from lightning_health.diagnosis.thresholds import Thresholds
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What a rule may know besides one layer's readings."""
+
+    step: int
+    thresholds: Thresholds
+    rectifiers: set[str] | None
+    output_layer: str | None
+    reference_grad_std: float | None
+    window: int | None
+
+
+Hit = tuple[str, Severity, str, float]  # kind, severity, message, value
+Rule = Callable[[str, Mapping[str, float], Context], tuple[set[str], list[Hit]]]
+"""A rule reads one layer's finite readings; it returns the kinds it checked and the hits it found."""
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def nonfinite_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
+    bad_act, bad_grad = r.get("nonfinite"), r.get("grad_nonfinite")
+    if bad_act is None and bad_grad is None:
+        return set(), []
+    where = [f"{v:.0f} in {what}" for what, v in (("activations", bad_act), ("gradients", bad_grad)) if v]
+    if not where:
+        return {"nonfinite"}, []
+    value = (bad_act or 0) + (bad_grad or 0)
+    return {"nonfinite"}, [("nonfinite", "critical", "NaN/Inf values: " + ", ".join(where), value)]
+
+
+def dead_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
+    checked: set[str] = set()
+    hits: list[Hit] = []
+    t = ctx.thresholds
+    for key, scope in (
+        ("dead_fraction", f"the last {ctx.window} sampled batches" if ctx.window else "the window"),
+        ("val_dead_fraction", "the whole validation pass"),
+    ):
+        dead = r.get(key)
+        if dead is None or (ctx.rectifiers is not None and layer not in ctx.rectifiers) or r.get("nonfinite", 0) > 0:
+            continue  # a layer full of NaN is broken, not silent: neither raise nor clear `dead`
+        checked.add("dead")
+        if dead > t.dead_warning:
+            severity: Severity = "critical" if dead > t.dead_critical else "warning"
+            count = f" ({r['dead_units']:.0f}/{r['units']:.0f})" if "dead_units" in r and "units" in r else ""
+            hits.append(
+                (
+                    "dead",
+                    severity,
+                    f"{_pct(dead)} of units dead{count}: never fired on any example across {scope}",
+                    dead,
+                )
+            )
+    return checked, hits
+
+
+def saturation_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
+    sat = r.get("saturation")
+    if sat is None:
+        return set(), []
+    if sat > ctx.thresholds.saturation:
+        return {"saturated"}, [("saturated", "warning", f"{_pct(sat)} of outputs pressed against a flat shoulder", sat)]
+    return {"saturated"}, []
+
+
+def gradient_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
+    g = r.get("grad_std")
+    if g is None:
+        return set(), []
+    t, ref = ctx.thresholds, ctx.reference_grad_std
+    checked = {"exploding_gradient", "vanishing_gradient"}
+    if g > t.exploding_grad_std:
+        return checked, [("exploding_gradient", "critical", f"gradient std {g:.2e} above {t.exploding_grad_std:g}", g)]
+    if layer != ctx.output_layer and ref is not None and g < t.vanishing_grad_std and g < t.vanishing_ratio * ref:
+        message = f"gradient std {g:.2e}, {g / ref:.1e}x the output-side layer's ({ref:.2e})"
+        return checked, [("vanishing_gradient", "warning", message, g)]
+    return checked, []
+
+
+def collapse_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
+    std = r.get("act_std")
+    if std is None:
+        return set(), []
+    if std < ctx.thresholds.collapse_std:
+        message = f"activation std {std:.2e}: the layer outputs nearly the same value for every input"
+        return {"collapsed"}, [("collapsed", "warning", message, std)]
+    return {"collapsed"}, []
+
+
+RULES: tuple[Rule, ...] = (nonfinite_rule, dead_rule, saturation_rule, gradient_rule, collapse_rule)
+"""Every rule, in the order their findings are listed at one step."""
+
+
+def evaluate(
+    step: int,
+    readings: Mapping[str, Mapping[str, float]],
+    thresholds: Thresholds,
+    *,
+    rectifiers: Iterable[str] | None = None,
+    output_layer: str | None = None,
+    window: int | None = None,
+) -> tuple[list[Finding], set[tuple[str, str]]]:
+    """Apply every rule in :data:`RULES` to one step's readings.
+
+    Args:
+        step: the global step of the readings.
+        readings: ``{layer: {metric: value}}``; a rule is checked only where its metric is present.
+            ``dead_units``/``units`` may accompany ``dead_fraction`` for an "n/N" message.
+        thresholds: the rule thresholds.
+        rectifiers: layers whose activation has a flat zero side (the ``dead`` rule applies only to
+            them); ``None`` applies it everywhere.
+        output_layer: the output-side layer whose gradient std is the reference for vanishing.
+        window: the dead-unit window length in sampled batches, for the message.
+
+    Returns:
+        The findings at this step, and the (layer, kind) pairs that were checked.
+    """
+    ref = readings.get(output_layer, {}).get("grad_std") if output_layer is not None else None
+    ctx = Context(step, thresholds, None if rectifiers is None else set(rectifiers), output_layer, ref, window)
+    found: list[Finding] = []
+    checked: set[tuple[str, str]] = set()
+    for layer, raw in readings.items():
+        # A NaN reading says nothing about the rules that read it (the nonfinite rule reports it),
+        # so it neither raises nor clears them.
+        r = {k: v for k, v in raw.items() if not math.isnan(v)}
+        for rule in RULES:
+            kinds, hits = rule(layer, r, ctx)
+            checked.update((layer, kind) for kind in kinds)
+            found.extend(
+                Finding(layer, kind, sev, msg, step, HINTS[kind], value, step) for kind, sev, msg, value in hits
+            )
+    return found, checked
