@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import time
 import warnings
@@ -23,6 +22,7 @@ from typing import Any, Literal
 import torch
 from typing_extensions import override
 
+from lightning_health import settings as check
 from lightning_health._compat import CallbackBase, amp_found_inf, grad_scale_tensor, rank_zero
 from lightning_health.capture.hooks import Capture, Mode
 from lightning_health.capture.selection import LayerSpec, MonitoredLayer, select_layers, validate_layer_spec
@@ -39,21 +39,12 @@ from lightning_health.sinks.format import run_summary
 from lightning_health.sinks.heatmap import render_heatmap
 
 OnCritical = Literal["warn", "stop", "raise"]
-_ON_CRITICAL = ("warn", "stop", "raise")
 _UNSUPPORTED_STRATEGIES = re.compile(r"fsdp|deepspeed", re.IGNORECASE)
 HEATMAP_TAG = "health/dead_fraction_heatmap"
 
 
 class HealthCriticalError(RuntimeError):
     """Raised by ``HealthMonitor(on_critical="raise")`` when a finding turns critical."""
-
-
-def _positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"Expected `{name}` to be an int >= {minimum}, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"Expected `{name}` to be an int >= {minimum}, got {value}")
-    return value
 
 
 class HealthMonitor(CallbackBase):
@@ -156,48 +147,22 @@ class HealthMonitor(CallbackBase):
         if thresholds is not None and not isinstance(thresholds, Thresholds):
             raise TypeError(f"Expected `thresholds` to be a lightning_health.Thresholds, got {thresholds!r}")
         self.thresholds = thresholds or Thresholds()
-        self.dead_window = _positive_int("dead_window", dead_window)
-        self.histogram_bins = _positive_int("histogram_bins", histogram_bins, minimum=2)
-        if histogram_bins % 2:
-            raise ValueError(f"Expected `histogram_bins` to be an even int, got {histogram_bins}")
-        self.histogram_samples = _positive_int("histogram_samples", histogram_samples, minimum=16)
-        self.log_histograms = bool(log_histograms)
-        if on_critical not in _ON_CRITICAL:
-            raise ValueError(f"Expected `on_critical` to be one of {_ON_CRITICAL}, got {on_critical!r}")
-        self.on_critical = on_critical
-        if (neuron_dim is not None and not isinstance(neuron_dim, (int, dict))) or isinstance(neuron_dim, bool):
-            raise TypeError(
-                f"Expected `neuron_dim` to be None, an int or a dict of layer name to int, got {neuron_dim!r}"
-            )
-        self.neuron_dim = neuron_dim
-        if (
-            isinstance(saturation_margin, bool)
-            or not isinstance(saturation_margin, (int, float))
-            or not (0 < saturation_margin < 0.5)
-        ):
-            raise ValueError(f"Expected `saturation_margin` to be a fraction in (0, 0.5), got {saturation_margin!r}")
-        self.saturation_margin = float(saturation_margin)
-        if max_overhead is not None and (
-            isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float)) or not 0 < max_overhead < 1
-        ):
-            raise ValueError(
-                f"Expected `max_overhead` to be None or a fraction in (0, 1) like 0.01, got {max_overhead!r}"
-            )
-        self.max_overhead = None if max_overhead is None else float(max_overhead)
-        self.burst_steps = _positive_int("burst_steps", burst_steps, minimum=0)
-        if not isinstance(compile_reductions, bool):
-            raise TypeError(f"Expected `compile_reductions` to be a bool, got {compile_reductions!r}")
-        self.compile_reductions = compile_reductions
+        self.dead_window = check.positive_int("dead_window", dead_window)
+        self.histogram_bins = check.even_int("histogram_bins", histogram_bins)
+        self.histogram_samples = check.positive_int("histogram_samples", histogram_samples, minimum=16)
+        self.log_histograms = check.boolean("log_histograms", log_histograms)
+        self.on_critical = check.choice("on_critical", on_critical, check.ON_CRITICAL)
+        self.neuron_dim = check.neuron_dim(neuron_dim)
+        self.saturation_margin = check.fraction("saturation_margin", saturation_margin, 0, 0.5)
+        self.max_overhead = check.fraction("max_overhead", max_overhead, 0, 1, optional=True, example=" like 0.01")
+        self.burst_steps = check.positive_int("burst_steps", burst_steps, minimum=0)
+        self.compile_reductions = check.boolean("compile_reductions", compile_reductions)
         self._schedule = SamplingSchedule(self.every_n_steps, self.max_overhead, self.burst_steps)
-        self.verbose = bool(verbose)
-        if writer is not None and not isinstance(writer, (str, os.PathLike)) and not hasattr(writer, "add_scalar"):
-            raise TypeError(f"Expected `writer` to be a SummaryWriter or a log directory, got {writer!r}")
-        self.writer = writer
-        self.dashboard = bool(dashboard)
-        if heatmap_every_n_samples is not None:
-            _positive_int("heatmap_every_n_samples", heatmap_every_n_samples)
-        self.heatmap_every_n_samples = heatmap_every_n_samples
-        self._history = History(_positive_int("max_points", max_points, minimum=16))
+        self.verbose = check.boolean("verbose", verbose)
+        self.writer = check.writer(writer)
+        self.dashboard = check.boolean("dashboard", dashboard)
+        self.heatmap_every_n_samples = check.optional_positive_int("heatmap_every_n_samples", heatmap_every_n_samples)
+        self._history = History(check.positive_int("max_points", max_points, minimum=16))
         self._findings = FindingLog()
         self._last_units: dict[str, tuple[int | None, int]] = {}
         self._layer_names: list[str] = []

@@ -1,0 +1,73 @@
+"""Argument validation for ``HealthMonitor``: one small checker per kind of argument.
+
+Every error names the argument, the value and what is allowed, on one line, at construction
+time, so a bad setting never reaches a running fit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+ON_CRITICAL = ("warn", "stop", "raise")
+
+
+def positive_int(name: str, value: object, minimum: int = 1) -> int:
+    """An int >= ``minimum`` (bools refused: ``True`` is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Expected `{name}` to be an int >= {minimum}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"Expected `{name}` to be an int >= {minimum}, got {value}")
+    return value
+
+
+def optional_positive_int(name: str, value: object, minimum: int = 1) -> int | None:
+    return None if value is None else positive_int(name, value, minimum)
+
+
+def even_int(name: str, value: object, minimum: int = 2) -> int:
+    value = positive_int(name, value, minimum)
+    if value % 2:
+        raise ValueError(f"Expected `{name}` to be an even int, got {value}")
+    return value
+
+
+def boolean(name: str, value: object) -> bool:
+    """A real bool: ``log_histograms="no"`` must not mean yes."""
+    if not isinstance(value, bool):
+        raise TypeError(f"Expected `{name}` to be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def fraction(name: str, value: object, low: float, high: float, *, optional: bool = False, example: str = "") -> Any:
+    """A number strictly inside ``(low, high)``; ``None`` too when ``optional``."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < high:
+        allowed = f"{'None or ' if optional else ''}a fraction in ({low:g}, {high:g}){example}"
+        raise ValueError(f"Expected `{name}` to be {allowed}, got {value!r}")
+    return float(value)
+
+
+def choice(name: str, value: object, allowed: Sequence[object]) -> Any:
+    if value not in allowed:
+        raise ValueError(f"Expected `{name}` to be one of {tuple(allowed)}, got {value!r}")
+    return value
+
+
+def neuron_dim(value: object) -> int | dict[str, int] | None:
+    """``None``, an int for every layer, or ``{layer name: int}``."""
+    ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
+    if isinstance(value, dict):
+        ok = all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in value.items())
+    if not ok:
+        raise TypeError(f"Expected `neuron_dim` to be None, an int or a dict of layer name to int, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def writer(value: object) -> object:
+    """A ``SummaryWriter``-like object or a log directory."""
+    if value is not None and not isinstance(value, (str, os.PathLike)) and not hasattr(value, "add_scalar"):
+        raise TypeError(f"Expected `writer` to be a SummaryWriter or a log directory, got {value!r}")
+    return value
