@@ -340,3 +340,21 @@ def test_a_module_that_never_reports_is_dropped_with_one_note():
     assert len([w for w in caught if "never ran" in str(w.message)]) == 1
     assert hm.monitored_layers == ["net.fc"]
     assert [s for s, _ in hm.curves("act_std")["net.fc"]] == [0, 1, 2, 3]
+
+
+# -- the table in docs/readings.md is what the probe reads ---------------------------------------------------
+def test_activation_table_in_the_docs_matches_the_probe():
+    from pathlib import Path
+
+    from lightning_health.capture import catalog
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "readings.md").read_text(encoding="utf-8")
+    start, end = doc.index(catalog.START), doc.index(catalog.END)
+    documented = doc[start:end].splitlines()[3:]  # after the marker and the two header lines
+    label = lambda line: line.split(" | ")[0]  # noqa: E731
+    probed = {label(line): line for line in catalog.rows()}
+    for line in documented:  # a row of a library that is not installed here is not checked
+        assert probed.get(label(line), line) == line
+    torch_rows = [line for line in probed.values() if line.startswith("| `nn.")]
+    assert torch_rows and all(line in documented for line in torch_rows)
+    assert doc[start:end].splitlines()[1:3] == catalog.HEADER.splitlines()
