@@ -66,8 +66,10 @@ class HealthMonitor(CallbackBase):
             ``"stop"`` (ask the Trainer to stop gracefully) or ``"raise"``
             (:class:`HealthCriticalError`).
         neuron_dim: override the unit axis (an int for every layer, or ``{layer: dim}``).
-        saturation_margin: outputs within this fraction of the output range from a bound count
-            as saturated.
+        saturation_margin: ``None`` (default): an output is saturated where its activation's slope
+            is below 20% of its peak, on a shoulder (probed at setup, see docs/readings.md). A
+            fraction keeps the older rule: outputs within that fraction of the output range from a
+            shoulder's limit, for activations with a finite range.
         max_points: points kept per curve before the older half is thinned (bounded memory).
         max_overhead: a budget, as a fraction of training time (e.g. ``0.01``): the monitor times
             its sampled steps against plain ones and widens or narrows the sampling interval to
@@ -125,7 +127,7 @@ class HealthMonitor(CallbackBase):
         log_histograms: bool = True,
         on_critical: OnCritical = "warn",
         neuron_dim: int | dict[str, int] | None = None,
-        saturation_margin: float = 0.01,
+        saturation_margin: float | None = None,
         max_points: int = 4096,
         max_overhead: float | None = None,
         burst_steps: int = 10,
@@ -153,7 +155,7 @@ class HealthMonitor(CallbackBase):
         self.log_histograms = check.boolean("log_histograms", log_histograms)
         self.on_critical = check.choice("on_critical", on_critical, check.ON_CRITICAL)
         self.neuron_dim = check.neuron_dim(neuron_dim)
-        self.saturation_margin = check.fraction("saturation_margin", saturation_margin, 0, 0.5)
+        self.saturation_margin = check.fraction("saturation_margin", saturation_margin, 0, 0.5, optional=True)
         self.max_overhead = check.fraction("max_overhead", max_overhead, 0, 1, optional=True, example=" like 0.01")
         self.burst_steps = check.positive_int("burst_steps", burst_steps, minimum=0)
         self.compile_reductions = check.boolean("compile_reductions", compile_reductions)
@@ -184,7 +186,8 @@ class HealthMonitor(CallbackBase):
         self._param_norms: torch.Tensor | None = None
         self._amp_overflow: torch.Tensor | None = None  # GradScaler found inf/NaN: this step is skipped
         self._armed_step: int | None = None
-        self._rectifiers: set[str] = set()
+        self._rectifiers: set[str] = set()  # hard-zero side: the `dead` rule
+        self._smooth: set[str] = set()  # smooth off side: the `inactive` rule
         # optimizer-step timing, for the overhead budget: (step, start time, was it sampled)
         self._timed: tuple[int, float, bool] | None = None
         self._sampled_seconds = math.nan
@@ -300,7 +303,8 @@ class HealthMonitor(CallbackBase):
         self._findings = (
             FindingLog([layer.name for layer in chosen]) if not self._findings.findings() else self._findings
         )
-        self._rectifiers = {layer.name for layer in chosen if layer.profile.rectifier}
+        self._rectifiers = {layer.name for layer in chosen if layer.profile.can_die}
+        self._smooth = {layer.name for layer in chosen if layer.profile.off_side == "smooth"}
         self._layer_names = [layer.name for layer in chosen]
         self._param_groups = layer_param_groups([(n, m) for n, m in pl_module.named_modules() if n])
         self._param_norm_reader = ParamGradNorms(self._param_groups)
@@ -459,7 +463,9 @@ class HealthMonitor(CallbackBase):
             rectifiers=self._rectifiers,
             output_layer=with_grad[-1] if with_grad else None,
             window=self.dead_window,
+            smooth_rectifiers=self._smooth,
         )
+        self._settle(trainer, capture, readings)
         self._react(trainer, self._findings.record(found, checked, step), step)
         self._publish(step)
 
@@ -505,6 +511,7 @@ class HealthMonitor(CallbackBase):
             self._history.add(step, "rescued_units", event.layer, float(len(event.units)))
             if event.action == "leaky":
                 self._rectifiers.discard(event.layer)
+                self._smooth.discard(event.layer)
         if rank_zero(trainer):
             for name in skipped:
                 warnings.warn(
@@ -517,6 +524,24 @@ class HealthMonitor(CallbackBase):
                 for event in events:
                     print(f"HealthMonitor: rescue at {event}", flush=True)
         return Rescuer.scalars(events)
+
+    def _settle(self, trainer: Any, capture: Capture, readings: list[LayerReading]) -> None:
+        """Drop the layers no rank has read in the first sampled steps, with one note (see Capture.settle)."""
+        read = {i for i, r in enumerate(readings) if r.metrics or r.dead_units is not None}
+        dropped = capture.settle(read)
+        if not dropped:
+            return
+        self._layer_names = [name for name in self._layer_names if name not in dropped]
+        self._rectifiers -= set(dropped)
+        self._smooth -= set(dropped)
+        if rank_zero(trainer):
+            warnings.warn(
+                f"HealthMonitor: {', '.join(f'`{n}`' for n in dropped)} never ran in the first "
+                f"{capture.SETTLE_AFTER} sampled steps and will not be read (a module whose weights are used "
+                "by a functional call, or a branch the model does not take).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     # -- validation ----------------------------------------------------------------------------------
     @override
@@ -557,7 +582,9 @@ class HealthMonitor(CallbackBase):
             if nonfinite:
                 snapshot[layer.name]["nonfinite"] = nonfinite
         self._sinks.write(step, scalars, {})
-        found, checked = evaluate(step, snapshot, self.thresholds, rectifiers=self._rectifiers)
+        found, checked = evaluate(
+            step, snapshot, self.thresholds, rectifiers=self._rectifiers, smooth_rectifiers=self._smooth
+        )
         self._react(trainer, self._findings.record(found, checked, step), step)
         if self.dashboard:
             self._sinks.findings(step, self.diagnose())

@@ -86,6 +86,22 @@ def first_tensor(output: Any) -> Tensor | None:
     return None
 
 
+def dense_values(t: Tensor) -> Tensor:
+    """A nested tensor's values as one dense ``(values, features)`` tensor; a dense tensor as it is.
+
+    ``nn.TransformerEncoder`` turns a padded batch into a nested tensor on its eval fast path
+    (``src_key_padding_mask`` given, no grad): the modules of its layers then see only the real
+    tokens, which is what is read (padding is never counted).
+    """
+    if not t.is_nested:
+        return t
+    if t.layout == torch.jagged:
+        values = t.values()
+        return values.reshape(-1, values.shape[-1]) if values.dim() else values.reshape(1, 1)
+    parts = [p.reshape(-1, p.shape[-1]) if p.dim() else p.reshape(1, 1) for p in t.unbind()]
+    return torch.cat(parts) if parts else t.new_zeros(0, 0)
+
+
 def _in_backward() -> bool:
     """True while autograd runs a backward pass (e.g. activation checkpointing recomputes a forward)."""
     return torch._C._current_graph_task_id() != -1
@@ -110,7 +126,17 @@ class _ForwardHook:
             self.capture._hook(self.index, output)
 
     def __reduce__(self) -> tuple[type, tuple[None, int]]:
-        return (_ForwardHook, (None, -1))
+        return (type(self), (None, -1))
+
+
+class _InputHook(_ForwardHook):
+    """A forward pre-hook: reads the module's first input (a functional activation's output)."""
+
+    __slots__ = ()
+
+    def __call__(self, module: torch.nn.Module, args: Any) -> None:  # type: ignore[override]
+        if self.capture is not None and args:
+            self.capture._hook(self.index, args[0])
 
 
 class Capture:
@@ -121,7 +147,9 @@ class Capture:
         act_edges: histogram edges per layer name for activations (``None``: no histograms).
         grad_edges: histogram edges for activation gradients (shared by all layers).
         histogram_samples: the strided sample size each histogram is built from.
-        saturation_margin: see :func:`lightning_health.readings.reductions.activation_totals`.
+        saturation_margin: ``None``: an output is saturated where its activation's slope is below
+            20% of its peak (:attr:`~lightning_health.capture.profile.ActivationProfile.saturation`);
+            a fraction: within that fraction of the output range from a shoulder's limit.
         compile_reductions: compute the activation and gradient totals with the fused kernels of
             :mod:`lightning_health.readings.kernels` instead of eager ops.
     """
@@ -132,7 +160,7 @@ class Capture:
         act_edges: Mapping[str, Tensor] | None,
         grad_edges: Tensor | None,
         histogram_samples: int,
-        saturation_margin: float,
+        saturation_margin: float | None,
         compile_reductions: bool = False,
     ) -> None:
         self.layers = list(layers)
@@ -150,6 +178,10 @@ class Capture:
         self._device_edges: dict[tuple[str | None, torch.device], tuple[Tensor, Tensor]] = {}  # made once
         self._handles: list[RemovableHandle] = []
         self._broken: set[int] = set()
+        self.reported: set[int] = set()  # layers that got a reading in the current pass (cleared by reset)
+        self.dropped: set[int] = set()  # layers that never reported in the first sampled steps: hooks removed
+        self._ever_read: set[int] = set()
+        self._settled_passes = 0
         self.track_abs = False  # also sum |activation| per unit on training steps (dormancy readings)
 
     # -- lifetime -------------------------------------------------------------------------------
@@ -158,7 +190,12 @@ class Capture:
         if self._handles:
             return
         for index, layer in enumerate(self.layers):
-            self._handles.append(layer.module.register_forward_hook(self._make_hook(index)))
+            self._handles.append(self._register(index, layer))
+
+    def _register(self, index: int, layer: MonitoredLayer) -> RemovableHandle:
+        if layer.read_input:
+            return layer.module.register_forward_pre_hook(_InputHook(self, index))
+        return layer.module.register_forward_hook(self._make_hook(index))
 
     def detach(self) -> None:
         """Remove every hook; safe to call any number of times."""
@@ -172,14 +209,38 @@ class Capture:
         """Read ``module`` instead of layer ``index``'s module (after the model swapped it), hook included."""
         old = self.layers[index]
         self.layers[index] = dataclasses.replace(old, module=module, profile=activation_profile(module))
+        self._thresholds = {k: v for k, v in self._thresholds.items() if k[0] != index}
         if self._handles:
             self._handles[index].remove()
-            self._handles[index] = module.register_forward_hook(self._make_hook(index))
+            self._handles[index] = self._register(index, self.layers[index])
 
     def reset(self) -> None:
         """Forget everything gathered (start of a sampled step or of a validation pass)."""
         for buf in self.buffers:
             buf.clear()
+        self.reported = set()
+
+    SETTLE_AFTER = 2
+    """Sampled training steps after which a layer that never reported is dropped."""
+
+    def settle(self, read: set[int]) -> list[str]:
+        """Count one sampled training step in which (on any rank) the layers ``read`` were read.
+
+        After :attr:`SETTLE_AFTER` such steps, a layer never read in any of them is dropped: its
+        hook is removed and the names returned (once). Such modules exist: ``out_proj`` of an
+        attention module selected by hand, a branch the model never takes. ``read`` should come
+        from the synced readings, so every rank drops the same layers.
+        """
+        self._ever_read |= read
+        self._settled_passes += 1
+        if self._settled_passes != self.SETTLE_AFTER:
+            return []
+        silent = [i for i in range(len(self.layers)) if i not in self._ever_read and i not in self.dropped]
+        for index in silent:
+            self.dropped.add(index)
+            if index < len(self._handles):
+                self._handles[index].remove()
+        return [self.layers[i].name for i in silent]
 
     def new_batch(self) -> None:
         """Restart call-slot numbering: the k-th call of a module in each batch shares slot k."""
@@ -192,7 +253,7 @@ class Capture:
 
     @torch.compiler.disable  # eager inside a compiled model: dynamo never guards on the monitor's state
     def _hook(self, index: int, output: Any) -> None:
-        if self.mode is Mode.OFF or index in self._broken:
+        if self.mode is Mode.OFF or index in self._broken or index in self.dropped:
             return
         self._guarded(index, "layer", self._on_forward, output)
 
@@ -215,6 +276,10 @@ class Capture:
         y = first_tensor(output)
         if y is None:
             return
+        if y.is_nested:
+            y = self._nested(index, y)
+            if y is None:
+                return
         layer, buf = self.layers[index], self.buffers[index]
         slot = buf.calls
         buf.calls += 1
@@ -229,6 +294,7 @@ class Capture:
         fired = R.unit_fire_mask(y, dim)
         prev = buf.fired.get(slot)
         buf.fired[slot] = fired if prev is None or prev.shape != fired.shape else prev | fired
+        self.reported.add(index)
         if self.mode is Mode.VAL:
             return
         self.forward_order.setdefault(index)  # a dict: O(1) on the hook path, keeps first-call order
@@ -243,6 +309,16 @@ class Capture:
             buf.abs_sums[slot] = prev_sums + sums if same else sums  # type: ignore[operator]
             buf.abs_counts[slot] = (buf.abs_counts[slot] if same else 0) + unit_counts(y, dim)
 
+    def _nested(self, index: int, y: Tensor) -> Tensor | None:
+        """A nested output's values (see :func:`dense_values`), gradients included; ``None``: skip this call."""
+        try:
+            values = dense_values(y)
+        except Exception:  # an unusual nested layout: skip this call, keep the layer
+            return None
+        if self.mode is Mode.TRAIN and y.requires_grad and torch.is_grad_enabled():
+            y.register_hook(self._make_grad_hook(index))
+        return values.detach()
+
     def _edges_on(self, layer: str | None, device: torch.device) -> tuple[Tensor, Tensor]:
         """Histogram edges (a layer's, or the gradients' for ``None``) and their bucket boundaries on
         ``device``, made there once: a per-call copy would block the host on an accelerator."""
@@ -256,12 +332,12 @@ class Capture:
         return cached
 
     def _activation_totals(self, index: int, y: Tensor) -> Tensor:
-        bounds = self.layers[index].profile.bounds
+        thresholds = self.layers[index].profile.saturation_thresholds(self._margin)
         if not self._compiled:
-            return R.activation_totals(y, bounds, self._margin, scratch=self.scratch.get(y))
+            return R.activation_totals(y, scratch=self.scratch.get(y), thresholds=thresholds)
         key = (index, y.device)
         if key not in self._thresholds:
-            self._thresholds[key] = kernels.saturation_thresholds(bounds, self._margin, y.device)
+            self._thresholds[key] = kernels.threshold_vector(thresholds, y.device)
         return kernels.activation_totals(y, self._thresholds[key])
 
     def _make_grad_hook(self, index: int) -> Any:
@@ -273,7 +349,7 @@ class Capture:
 
     def _on_grad(self, index: int, grad: Tensor) -> None:
         buf = self.buffers[index]
-        g = grad.detach()
+        g = dense_values(grad.detach())
         if self.grad_scale is not None:
             g = g.float() / self.grad_scale.to(g.device)
         totals = kernels.gradient_totals(g) if self._compiled else R.gradient_totals(g, scratch=self.scratch.get(g))

@@ -5,12 +5,24 @@ The rule, in order:
 1. ``layers=None`` (the default) selects every *activation module*: torch.nn's activation classes
    (ReLU, LeakyReLU, GELU, SiLU, Tanh, Sigmoid, ...) and the activation classes that third-party
    libraries define themselves (``GELUActivation`` in transformers, timm's ``GELU``, ...), which do
-   not subclass torch.nn's and are recognised by class name.
-2. If the model has no activation module (it calls ``F.relu`` and friends), the outputs of its
-   Linear and Conv layers are monitored instead: they are the pre-activations of those calls.
-3. ``layers`` may instead be a module type (or tuple of types), a regular expression matched
+   not subclass torch.nn's and are recognised by class name; and the functional feed-forward
+   activation of every ``nn.TransformerEncoderLayer``/``TransformerDecoderLayer`` (``F.relu`` by
+   default), read as the input of the layer's ``dropout`` module (``<layer>.dropout``).
+2. If there is none of these (the model calls ``F.relu`` and friends), the outputs of its
+   Linear and Conv layers are monitored instead, except ``nn.MultiheadAttention``'s ``out_proj``
+   (its weights are used by a functional call; the module itself never runs). They are read as
+   plain linear outputs (:data:`~lightning_health.capture.profile.NEUTRAL`): the activation that
+   follows them is unknown, and the last of them is usually the model's output head, so no
+   ``dead`` or ``saturated`` rule applies to them.
+3. Recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` and their cells) are always selected
+   too: their output sequence (the first element of the output tuple) is read.
+4. ``layers`` may instead be a module type (or tuple of types), a regular expression matched
    against qualified names (``re.search``), a list of exact names, or a predicate
    ``(name, module) -> bool``.
+
+What each activation can do (die, go inactive, saturate) is measured by probing it, never read
+from its class name: see :mod:`lightning_health.capture.profile`. A selected module that never
+reports in the first sampled steps is dropped (see :meth:`~lightning_health.capture.hooks.Capture.settle`).
 
 Units (neurons) are indexed by the last dimension of (batch, ..., features) tensors and by the
 channel dimension (1) of convolutional feature maps; a layer is treated as convolutional when the
@@ -24,6 +36,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from torch import nn
+
+from lightning_health.capture.profile import (
+    NEUTRAL,
+    ActivationProfile,
+    function_profile,
+    probe_module,
+    recurrent_profile,
+)
 
 LayerSpec = None | type | tuple[type, ...] | str | Iterable[str] | Callable[[str, nn.Module], bool]
 
@@ -43,50 +63,34 @@ _CONV_LIKE = (
 )
 
 
-@dataclass(frozen=True)
-class ActivationProfile:
-    """What an activation's output means for the health readings.
-
-    Attributes:
-        rectifier: the activation has a flat zero side (ReLU, GELU, SiLU, ...): a unit that never
-            outputs > 0 gets no gradient, so *dead* units are a pathology worth reporting.
-        bounds: ``(low, high)`` when the activation has flat shoulders (tanh, sigmoid, hardtanh);
-            outputs pressed against a bound are *saturated*. ``None``: nothing saturates.
-    """
-
-    rectifier: bool
-    bounds: tuple[float, float] | None
+_RECURRENT = (nn.RNNBase, nn.RNNCellBase)
+_FEED_FORWARD_BLOCKS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_PROFILE_CACHE: dict[tuple[object, ...], ActivationProfile] = {}
 
 
-_UNBOUNDED_RECTIFIER = ActivationProfile(rectifier=True, bounds=None)
-_LEAKY = ActivationProfile(rectifier=False, bounds=None)
+def _config_key(module: nn.Module) -> tuple[object, ...] | None:
+    """A key for modules without tensors whose plain attributes say everything (most activations)."""
+    if next(module.parameters(), None) is not None or next(module.buffers(), None) is not None:
+        return None
+    plain = (bool, int, float, str, type(None))
+    items = sorted((k, v) for k, v in vars(module).items() if k != "training" and isinstance(v, plain))
+    return (type(module), tuple(items))
 
 
 def activation_profile(module: nn.Module) -> ActivationProfile:
-    """The profile of ``module``'s activation, from its type or, for third-party classes, its name."""
-    if isinstance(module, nn.Hardtanh):  # includes ReLU6
-        low, high = float(module.min_val), float(module.max_val)
-        if isinstance(module, nn.ReLU6):
-            return ActivationProfile(rectifier=True, bounds=(low, high))
-        return ActivationProfile(rectifier=False, bounds=(low, high))
-    if isinstance(module, (nn.Tanh, nn.Softsign)):
-        return ActivationProfile(rectifier=False, bounds=(-1.0, 1.0))
-    if isinstance(module, (nn.Sigmoid, nn.Hardsigmoid)):
-        return ActivationProfile(rectifier=False, bounds=(0.0, 1.0))
-    if isinstance(module, (nn.ReLU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Softplus)):
-        return _UNBOUNDED_RECTIFIER
-    if isinstance(module, (nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.Tanhshrink)):
-        return _LEAKY
-    name = type(module).__name__.lower()
-    if "tanh" in name:
-        return ActivationProfile(rectifier=False, bounds=(-1.0, 1.0))
-    if "sigmoid" in name:
-        return ActivationProfile(rectifier=False, bounds=(0.0, 1.0))
-    if any(k in name for k in ("leaky", "prelu", "elu")) and not any(k in name for k in ("gelu", "relu")):
-        return _LEAKY
-    if "leaky" in name:
-        return _LEAKY
-    return _UNBOUNDED_RECTIFIER
+    """What ``module``'s output means, measured by probing it (:mod:`~lightning_health.capture.profile`).
+
+    Recurrent layers are read as their output's nonlinearity (:func:`recurrent_profile`); anything
+    that is not elementwise gets the neutral profile. Class names play no part.
+    """
+    if isinstance(module, _RECURRENT):
+        return recurrent_profile(module)
+    key = _config_key(module)
+    if key is None:
+        return probe_module(module)
+    if key not in _PROFILE_CACHE:
+        _PROFILE_CACHE[key] = probe_module(module)
+    return _PROFILE_CACHE[key]
 
 
 def is_activation_module(module: nn.Module) -> bool:
@@ -102,8 +106,30 @@ def is_activation_module(module: nn.Module) -> bool:
     return bool(_ACTIVATION_NAME.search(type(module).__name__.lower()))
 
 
-def _fallback(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+def _fallback(name: str, module: nn.Module, attention_outputs: set[str]) -> bool:
+    return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and name not in attention_outputs
+
+
+def _attention_outputs(named: list[tuple[str, nn.Module]]) -> set[str]:
+    """``out_proj`` of every nn.MultiheadAttention: its weights are used by a functional call, it never runs."""
+    return {f"{n}.out_proj" if n else "out_proj" for n, m in named if isinstance(m, nn.MultiheadAttention)}
+
+
+def _feed_forward_readings(named: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module, ActivationProfile]]:
+    """The functional activation of nn.TransformerEncoderLayer/DecoderLayer, read as the input of its ``dropout``.
+
+    Their feed-forward computes ``linear2(dropout(activation(linear1(x))))`` with ``activation`` a
+    function (``F.relu`` by default), not a module: no hook can see its output, except as the input
+    of ``dropout`` (a forward pre-hook), which is exactly that output, in the autograd graph.
+    """
+    out = []
+    for name, module in named:
+        act, dropout = getattr(module, "activation", None), getattr(module, "dropout", None)
+        if not isinstance(module, _FEED_FORWARD_BLOCKS) or not callable(act) or isinstance(act, nn.Module):
+            continue
+        if isinstance(dropout, nn.Module):
+            out.append((f"{name}.dropout", dropout, function_profile(act)))
+    return out
 
 
 def _matcher(layers: LayerSpec) -> Callable[[str, nn.Module], bool]:
@@ -145,6 +171,18 @@ class MonitoredLayer:
     module: nn.Module
     profile: ActivationProfile
     neuron_dim: int  # -1 for features, 1 for conv channels (applied to tensors with >= 3 dims)
+    read_input: bool = False  # read the module's input (a forward pre-hook) instead of its output
+
+
+def _default_selection(named: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module, ActivationProfile, bool]]:
+    chosen = [(n, m, activation_profile(m), False) for n, m in named if is_activation_module(m)]
+    chosen += [(n, m, p, True) for n, m, p in _feed_forward_readings(named)]
+    if not chosen:
+        attention = _attention_outputs(named)
+        chosen = [(n, m, NEUTRAL, False) for n, m in named if _fallback(n, m, attention)]
+    chosen += [(n, m, activation_profile(m), False) for n, m in named if isinstance(m, _RECURRENT)]
+    position = {n: i for i, (n, _m) in enumerate(named)}
+    return sorted(chosen, key=lambda c: position[c[0]])
 
 
 def select_layers(
@@ -155,23 +193,20 @@ def select_layers(
     """The modules of ``model`` to monitor, in registration order (see the module docstring)."""
     named = [(n, m) for n, m in model.named_modules() if n]
     if layers is None:
-        chosen = [(n, m) for n, m in named if is_activation_module(m)]
-        if not chosen:
-            chosen = [(n, m) for n, m in named if _fallback(m)]
+        chosen = _default_selection(named)
     else:
         match = _matcher(layers)
-        chosen = [(n, m) for n, m in named if match(n, m)]
+        chosen = [(n, m, activation_profile(m), False) for n, m in named if match(n, m)]
     conv_context = _conv_context(named)
     out = []
-    for name, module in chosen:
+    for name, module, profile, read_input in chosen:
         if isinstance(neuron_dim, dict):
             dim = neuron_dim.get(name, 1 if conv_context[name] else -1)
         elif neuron_dim is not None:
             dim = neuron_dim
         else:
             dim = 1 if conv_context[name] else -1
-        profile = _UNBOUNDED_RECTIFIER if _fallback(module) else activation_profile(module)
-        out.append(MonitoredLayer(name=name, module=module, profile=profile, neuron_dim=dim))
+        out.append(MonitoredLayer(name, module, profile, dim, read_input))
     return out
 
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 Severity = Literal["warning", "critical"]
-KINDS = ("nonfinite", "dead", "exploding_gradient", "vanishing_gradient", "saturated", "collapsed")
+KINDS = ("nonfinite", "dead", "exploding_gradient", "vanishing_gradient", "saturated", "collapsed", "inactive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,8 +21,8 @@ class Finding:
 
     Attributes:
         layer: the module's qualified name.
-        kind: one of ``dead``, ``saturated``, ``vanishing_gradient``, ``exploding_gradient``,
-            ``collapsed``, ``nonfinite``.
+        kind: one of ``dead``, ``inactive``, ``saturated``, ``vanishing_gradient``,
+            ``exploding_gradient``, ``collapsed``, ``nonfinite``.
         severity: ``"warning"`` or ``"critical"``.
         message: what is wrong, in plain English, with the numbers.
         step: the global step at which this problem first appeared (its onset).

@@ -5,6 +5,9 @@ from __future__ import annotations
 HINTS = {
     "dead": "Try LeakyReLU or GELU, He (Kaiming) initialisation, or a lower learning rate; "
     "dead units can be re-initialised (see lightning_health.rescue).",
+    "inactive": "These units still learn: a smooth rectifier passes a small gradient on its negative side, and "
+    "they often come back on their own. If the share keeps growing, lower the learning rate, check the "
+    "initialisation scale and the bias of the layer before, or normalise before the activation.",
     "saturated": "Use Xavier initialisation for tanh/sigmoid, normalise the inputs, or add BatchNorm/LayerNorm "
     "before the activation.",
     "vanishing_gradient": "Add residual connections or normalization, match the initialisation to the activation "

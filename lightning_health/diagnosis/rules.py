@@ -2,11 +2,16 @@
 
 Rules (defaults in :class:`Thresholds`, all overridable):
 
-- ``dead``: more than 20% of a rectifier layer's units never fired across the window (warning),
-  more than 50% (critical). Judged on ``dead_fraction`` during training and on
-  ``val_dead_fraction`` after a validation pass. Only for activations with a flat zero side
-  (ReLU, GELU, SiLU, ...): a leaky or bounded activation's "never positive" unit still learns.
-- ``saturated``: more than 30% of outputs within 1% of a flat shoulder's bound (tanh, sigmoid, ...).
+- ``dead``: more than 20% of a layer's units never fired across the window (warning), more than
+  50% (critical). Judged on ``dead_fraction`` during training and on ``val_dead_fraction`` after
+  a validation pass. Only for activations with a hard-zero side, probed (ReLU, ReLU6, Hardswish,
+  Hardsigmoid): there a unit gets exactly no gradient. A leaky, smooth or bounded activation's
+  "never positive" unit still learns.
+- ``inactive``: more than 50% of a smooth rectifier's units (GELU, SiLU, Mish, ELU, Softplus...)
+  never output > 0 across the window or a validation pass (warning only): they sit on the
+  negative side, which still passes a gradient.
+- ``saturated``: more than 30% of outputs on a shoulder where the activation's slope is below
+  20% of its peak (tanh ``|y| >= 0.894``, sigmoid ``y <= 0.053`` or ``>= 0.947``, ReLU6 ``y = 6``).
 - ``vanishing_gradient``: gradient std below ``1e-4`` **and** below ``1/100`` of the gradient std
   reaching the output-side monitored layer. The relative part is what keeps a converged network
   healthy: when the loss is near zero every gradient is small, but they are small together.
@@ -35,6 +40,7 @@ class Context:
     step: int
     thresholds: Thresholds
     rectifiers: set[str] | None
+    smooth_rectifiers: set[str]
     output_layer: str | None
     reference_grad_std: float | None
     window: int | None
@@ -86,6 +92,30 @@ def dead_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str
     return checked, hits
 
 
+def inactive_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
+    """Units of a smooth rectifier (GELU, SiLU, ELU, ...) that never output > 0: inactive, not dead.
+
+    Their activation keeps a gradient on its negative side, so they still learn and can come
+    back: a warning at most, from ``inactive_warning`` of the units.
+    """
+    if layer not in ctx.smooth_rectifiers or r.get("nonfinite", 0) > 0:
+        return set(), []
+    checked: set[str] = set()
+    hits: list[Hit] = []
+    for key, scope in (("dead_fraction", "the window"), ("val_dead_fraction", "the whole validation pass")):
+        share = r.get(key)
+        if share is None:
+            continue
+        checked.add("inactive")
+        if share > ctx.thresholds.inactive_warning:
+            message = (
+                f"{_pct(share)} of units never output > 0 across {scope}: they sit on the activation's "
+                "smooth negative side, which still passes a small gradient (inactive, not dead)"
+            )
+            hits.append(("inactive", "warning", message, share))
+    return checked, hits
+
+
 def saturation_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
     sat = r.get("saturation")
     if sat is None:
@@ -119,7 +149,7 @@ def collapse_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set
     return {"collapsed"}, []
 
 
-RULES: tuple[Rule, ...] = (nonfinite_rule, dead_rule, saturation_rule, gradient_rule, collapse_rule)
+RULES: tuple[Rule, ...] = (nonfinite_rule, dead_rule, inactive_rule, saturation_rule, gradient_rule, collapse_rule)
 """Every rule, in the order their findings are listed at one step."""
 
 
@@ -131,6 +161,7 @@ def evaluate(
     rectifiers: Iterable[str] | None = None,
     output_layer: str | None = None,
     window: int | None = None,
+    smooth_rectifiers: Iterable[str] = (),
 ) -> tuple[list[Finding], set[tuple[str, str]]]:
     """Apply every rule in :data:`RULES` to one step's readings.
 
@@ -139,16 +170,19 @@ def evaluate(
         readings: ``{layer: {metric: value}}``; a rule is checked only where its metric is present.
             ``dead_units``/``units`` may accompany ``dead_fraction`` for an "n/N" message.
         thresholds: the rule thresholds.
-        rectifiers: layers whose activation has a flat zero side (the ``dead`` rule applies only to
-            them); ``None`` applies it everywhere.
+        rectifiers: layers whose activation has a hard-zero side, where a unit gets no gradient
+            (the ``dead`` rule applies only to them); ``None`` applies it everywhere.
         output_layer: the output-side layer whose gradient std is the reference for vanishing.
         window: the dead-unit window length in sampled batches, for the message.
+        smooth_rectifiers: layers whose activation has a smooth off side (GELU, SiLU, ELU, ...):
+            the ``inactive`` rule reads their never-positive units.
 
     Returns:
         The findings at this step, and the (layer, kind) pairs that were checked.
     """
     ref = readings.get(output_layer, {}).get("grad_std") if output_layer is not None else None
-    ctx = Context(step, thresholds, None if rectifiers is None else set(rectifiers), output_layer, ref, window)
+    hard = None if rectifiers is None else set(rectifiers)
+    ctx = Context(step, thresholds, hard, set(smooth_rectifiers), output_layer, ref, window)
     found: list[Finding] = []
     checked: set[tuple[str, str]] = set()
     for layer, raw in readings.items():

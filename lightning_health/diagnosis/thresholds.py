@@ -17,13 +17,14 @@ class Thresholds:
     dead_warning: float = 0.2
     dead_critical: float = 0.5
     saturation: float = 0.3
+    inactive_warning: float = 0.5
     vanishing_grad_std: float = 1e-4
     vanishing_ratio: float = 1e-2
     exploding_grad_std: float = 10.0
     collapse_std: float = 1e-3
 
     def __post_init__(self) -> None:
-        for name in ("dead_warning", "dead_critical", "saturation", "vanishing_ratio"):
+        for name in ("dead_warning", "dead_critical", "saturation", "vanishing_ratio", "inactive_warning"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise ValueError(f"Expected `{name}` to be a fraction in [0, 1], got {value!r}")

@@ -78,6 +78,15 @@ def saturation_thresholds(bounds: tuple[float, float] | None, margin: float, dev
     return out
 
 
+def threshold_vector(thresholds: tuple[float, float] | None, device: torch.device) -> Tensor:
+    """``(low, high)`` output thresholds (``y <= low`` or ``y >= high`` is saturated) as the device tensor
+    :func:`activation_totals` takes; ``None``: nothing saturates."""
+    out = torch.full((2,), float("nan"), dtype=_WIDE, device=device)
+    if thresholds is not None:
+        out[0], out[1] = thresholds
+    return out
+
+
 def activation_totals(y: Tensor, thresholds: Tensor) -> Tensor:
     """Fused equivalent of :func:`lightning_health.readings.reductions.activation_totals`."""
     x = y.detach()

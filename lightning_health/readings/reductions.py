@@ -98,7 +98,12 @@ def _nonfinite(x: Tensor, buf: Tensor) -> Tensor:
 
 
 def activation_totals(
-    y: Tensor, bounds: tuple[float, float] | None = None, margin: float = 0.01, scratch: Tensor | None = None
+    y: Tensor,
+    bounds: tuple[float, float] | None = None,
+    margin: float = 0.01,
+    scratch: Tensor | None = None,
+    *,
+    thresholds: tuple[float, float] | None = None,
 ) -> Tensor:
     """Raw totals of one activation tensor, as a float64 vector on ``y``'s device.
 
@@ -109,6 +114,10 @@ def activation_totals(
             output range from either bound. ``None`` means the activation has no flat shoulder and
             nothing counts as saturated (a large positive ReLU input is not saturated).
         margin: the saturation band as a fraction of ``high - low``.
+        thresholds: ``(low, high)``: instead of ``bounds``, an element is saturated when
+            ``y <= low`` or ``y >= high`` (``-inf``/``inf`` for a side that never saturates): the
+            thresholds an activation's probed profile gives (see
+            :attr:`lightning_health.capture.profile.ActivationProfile.saturation`).
         scratch: an optional float32 buffer of at least ``min(y.numel(), CHUNK)`` elements to
             reuse for the temporary (see :class:`Scratch`); its contents are overwritten. Tensors
             larger than :data:`CHUNK` are reduced chunk by chunk.
@@ -126,12 +135,15 @@ def activation_totals(
     if x.numel() == 0:
         return empty_activation_totals(x.device)
     if x.numel() > CHUNK:
-        return combine_activation_totals(*(activation_totals(p, bounds, margin, scratch) for p in x.split(CHUNK)))
+        parts = (activation_totals(p, bounds, margin, scratch, thresholds=thresholds) for p in x.split(CHUNK))
+        return combine_activation_totals(*parts)
     buf = _buffer(x, scratch)
     lo, hi = torch.aminmax(x)
     total, total_sq = _centred_moments(x, lo, hi, buf)
     zeros = _count(torch.eq(x, 0.0, out=buf))
-    if bounds is None:
+    if thresholds is not None:
+        saturated = _beyond(x, thresholds, buf, zeros)
+    elif bounds is None:
         saturated = zeros.new_zeros(())
     else:  # within `band` of either bound, i.e. |x - middle| >= half width - band
         low, high = bounds
@@ -141,6 +153,18 @@ def activation_totals(
     count = x.new_full((), float(x.numel()), dtype=_WIDE)  # a fill kernel, not a host-to-device copy
     # stack promotes the float32 min and max to float64 in the same call
     return torch.stack([count, total, total_sq, lo, hi, zeros, saturated, nonfinite])
+
+
+def _beyond(x: Tensor, thresholds: tuple[float, float], buf: Tensor, zero: Tensor) -> Tensor:
+    """How many of ``x`` are ``<= low`` or ``>= high``: one comparison pass whichever sides are finite."""
+    low, high = thresholds
+    if math.isinf(low) and math.isinf(high):
+        return zero.new_zeros(())
+    if math.isinf(low):
+        return _count(torch.ge(x, high, out=buf))
+    if math.isinf(high):
+        return _count(torch.le(x, low, out=buf))
+    return _count(torch.sub(x, (low + high) / 2, out=buf).abs_().ge_((high - low) / 2))
 
 
 def gradient_totals(g: Tensor, scratch: Tensor | None = None) -> Tensor:
