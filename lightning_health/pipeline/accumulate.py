@@ -1,8 +1,8 @@
 """From per-layer device buffers to host numbers: pack, sync across ranks once, window, transfer once.
 
 A sampled step ends here. Every layer's raw totals, histogram counts and per-unit fire masks are
-packed into one float64 vector, reduced across DDP ranks with a single collective (an all-gather
-followed by a local sum/min/max, so one call serves all three reductions), pushed into the rolling
+packed into one float64 vector, reduced across ranks by :mod:`lightning_health.pipeline.sync` (one
+sum and one max all-reduce, whose payload does not grow with the world size), pushed into the rolling
 dead-unit windows on the device, and moved to the host with one ``.tolist()``.
 
 With ``tau`` set, each layer call slot also packs its per-unit sums of ``|activation|`` and their
@@ -20,10 +20,10 @@ only known once a rank has run the layer, and one rank may never run a layer ano
 (a zero-size batch still runs it; a data-dependent branch may not). So in distributed runs only
 the (layer, call slot) masks every rank has agreed on are packed, plus one flag element that says
 "some rank has seen a slot outside the agreed layout". When the synced flag is set, which every
-rank sees at the same step, the ranks merge their layouts (one ``all_gather_object``) and pack and
-sync again; nothing is lost. This happens on the first sampled step and whenever a new slot first
-appears; every other sampled step costs exactly one ``all_gather``, plus a one-element host read of
-the flag.
+rank sees at the same step, the ranks merge their layouts (two fixed-size max all-reduces, see
+:func:`lightning_health.pipeline.sync.agree_layout`) and pack and sync again; nothing is lost. This
+happens on the first sampled step and whenever a new slot first appears; every other sampled step
+costs exactly the two all-reduces of the sync, plus a one-element host read of the flag.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from lightning_health.capture.hooks import Capture, StepBuffers
+from lightning_health.pipeline.sync import agree_layout, sync_vector, world_size
 from lightning_health.readings import reductions as R
 from lightning_health.readings.dormancy import dormant_mask, update_last_fired
 
@@ -170,29 +170,6 @@ def _slice(host: list[float], span: tuple[int, int] | None) -> list[float] | Non
 _NO_INDEX = torch.zeros(0, dtype=torch.long)
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def sync_vector(vec: Tensor, min_idx: Tensor, max_idx: Tensor) -> Tensor:
-    """Reduce ``vec`` across ranks in ONE collective: sum everywhere, min/max at the given indices.
-
-    Every rank must call this with vectors of the same layout; non-distributed runs return ``vec``.
-    """
-    n = world_size()
-    if n == 1:
-        return vec
-    gathered = [torch.empty_like(vec) for _ in range(n)]
-    dist.all_gather(gathered, vec.contiguous())
-    stacked = torch.stack(gathered)
-    out = stacked.sum(dim=0)
-    if min_idx.numel():
-        out[min_idx] = stacked[:, min_idx].amin(dim=0)
-    if max_idx.numel():
-        out[max_idx] = stacked[:, max_idx].amax(dim=0)
-    return out
-
-
 class Accumulator:
     """Per-layer state across sampled steps: the dead-unit windows, and the step-end pipeline."""
 
@@ -237,11 +214,9 @@ class Accumulator:
 
     def _agree_layout(self) -> None:
         """Every rank: merge all ranks' ``(layer, slot) -> width`` into the agreed layout."""
-        gathered: list[dict[tuple[int, int], int] | None] = [None] * world_size()
-        dist.all_gather_object(gathered, dict(self.widths))
-        for widths in gathered:
-            for key, width in (widths or {}).items():
-                self.agreed[key] = max(self.agreed.get(key, 0), width)
+        merged = agree_layout(self.widths, len(self.capture.buffers), self.device())
+        for key, width in merged.items():
+            self.agreed[key] = max(self.agreed.get(key, 0), width)
         self.widths.update(self.agreed)  # a slot this rank never ran is now known here too
 
     def _pack_masks(
