@@ -35,7 +35,15 @@ import torch
 from torch import Tensor
 
 from lightning_health.capture.hooks import Capture, StepBuffers
-from lightning_health.pipeline.sync import agree_layout, sync_vector, world_size
+from lightning_health.capture.sharding import local_tensor
+from lightning_health.pipeline.sync import (
+    agree_layout,
+    full_where_partial,
+    replica_weight,
+    sum_across_ranks,
+    sync_vector,
+    world_size,
+)
 from lightning_health.readings import reductions as R
 from lightning_health.readings.dormancy import dormant_mask, update_last_fired
 
@@ -525,26 +533,43 @@ class ParamGradNorms:
     One ``_foreach_norm`` over every gradient and one segment sum replace a handful of small ops per
     module. The segment index lives on the device and is rebuilt only when the set of parameters
     with a gradient changes (building it is a host-to-device copy).
+
+    Sharded parameters (DTensor, from FSDP2's ``fully_shard`` or tensor parallel): each rank squares
+    its local shards, weighted so that a shard held by several ranks counts once
+    (:func:`lightning_health.pipeline.sync.replica_weight`), and one sum all-reduce of the per-module
+    vector gives every rank the exact global norm. Unsharded runs issue no collective here.
     """
 
     def __init__(self, groups: Sequence[tuple[str, list[torch.nn.Parameter]]]) -> None:
         self.groups = list(groups)
-        self._index: tuple[tuple[int, ...], Tensor] | None = None
+        self._index: tuple[tuple[int, ...], Tensor, Tensor | None] | None = None
+        self.sharded = any(hasattr(p, "placements") for _name, params in self.groups for p in params)
 
     def __call__(self, device: torch.device) -> Tensor:
         """Per group, the norm of its gradients (0 where none), as a float64 device vector."""
         grads: list[Tensor] = []
         owners: list[int] = []
+        weights: list[float] = []
+        world = world_size()
         for g, (_name, params) in enumerate(self.groups):
             for p in params:
                 if p.grad is not None:
-                    grads.append(p.grad.detach().to(device))
+                    grad = p.grad.detach()
+                    if self.sharded:
+                        grad = full_where_partial(grad)
+                        weights.append(replica_weight(grad, world))
+                    grads.append(local_tensor(grad).to(device))
                     owners.append(g)
         out = torch.zeros(len(self.groups), dtype=torch.float64, device=device)
-        if not grads:
-            return out
-        key = tuple(owners)
-        if self._index is None or self._index[0] != key or self._index[1].device != device:
-            self._index = (key, torch.tensor(owners, dtype=torch.long, device=device))
-        squares = torch.stack(torch._foreach_norm(grads)).to(torch.float64).square()
-        return out.index_add_(0, self._index[1], squares).sqrt_()
+        if grads:
+            key = tuple(owners)
+            if self._index is None or self._index[0] != key or self._index[1].device != device:
+                scale = torch.tensor(weights, dtype=torch.float64, device=device) if self.sharded else None
+                self._index = (key, torch.tensor(owners, dtype=torch.long, device=device), scale)
+            squares = torch.stack(torch._foreach_norm(grads)).to(torch.float64).square()
+            if self._index[2] is not None:  # sharded: each piece of a gradient counted once over the world
+                squares = squares * self._index[2]
+            out.index_add_(0, self._index[1], squares)
+        if self.sharded:  # every rank runs this collective, with or without gradients
+            out = sum_across_ranks(out)
+        return out.sqrt_()

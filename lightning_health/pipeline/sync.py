@@ -96,3 +96,32 @@ def sum_across_ranks(vec: Tensor) -> Tensor:
     out = vec.clone()
     all_reduce(out, dist.ReduceOp.SUM)
     return out
+
+
+def replica_weight(x: Tensor, world: int) -> float:
+    """The weight of this rank's part of ``x`` in a sum over the world that counts each element once.
+
+    A DTensor's local part is one of ``prod(mesh sizes of its Shard dims)`` distinct pieces and every
+    rank holds one, so each piece is held ``world / pieces`` times; a plain tensor is replicated on
+    every rank. Summing ``weight * local_sum`` over all ranks gives the global sum exactly (the
+    weights are exact for power-of-two sizes, and within one rounding otherwise).
+    """
+    placements = getattr(x, "placements", None)
+    if placements is None:
+        return 1.0 / world
+    mesh = x.device_mesh  # type: ignore[attr-defined]
+    pieces = 1
+    for dim, placement in enumerate(placements):
+        if placement.is_shard() or type(placement).__name__ == "_StridedShard":
+            pieces *= mesh.size(dim)
+    return pieces / world
+
+
+def full_where_partial(x: Tensor) -> Tensor:
+    """A DTensor with ``Partial`` placements made ``Replicate`` there (a collective over those mesh dims)."""
+    placements = getattr(x, "placements", None)
+    if placements is None or not any(p.is_partial() for p in placements):
+        return x
+    from torch.distributed.tensor import Replicate
+
+    return x.redistribute(placements=[Replicate() if p.is_partial() else p for p in placements])  # type: ignore[attr-defined]
