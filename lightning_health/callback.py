@@ -26,6 +26,7 @@ from lightning_health import settings as check
 from lightning_health._compat import CallbackBase, amp_found_inf, grad_scale_tensor, rank_zero
 from lightning_health.capture.hooks import Capture, Mode
 from lightning_health.capture.selection import LayerSpec, MonitoredLayer, select_layers, validate_layer_spec
+from lightning_health.capture.sharding import bind_to_strategy, is_model_parallel
 from lightning_health.diagnosis import Finding, FindingLog, Thresholds, evaluate
 from lightning_health.pipeline.accumulate import Accumulator, LayerReading, ParamGradNorms, layer_param_groups
 from lightning_health.pipeline.history import History
@@ -268,8 +269,9 @@ class HealthMonitor(CallbackBase):
         strategy = type(getattr(trainer, "strategy", None)).__name__
         if _UNSUPPORTED_STRATEGIES.search(strategy):
             warnings.warn(
-                f"HealthMonitor does not support {strategy} yet (sharded parameters and activations would give "
-                "per-shard readings); it stays idle for this run. See docs/distributed.md.",
+                f"HealthMonitor does not support {strategy}: it needs CUDA (Lightning refuses it on CPU), so it has "
+                "not been tested here. Sharded training is supported through ModelParallelStrategy (FSDP2 "
+                "`fully_shard` and tensor parallel). The monitor stays idle for this run. See docs/distributed.md.",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -312,7 +314,8 @@ class HealthMonitor(CallbackBase):
             self._sinks = SinkSet(sinks_for(getattr(trainer, "loggers", []), writer=self.writer))
             self._sinks.start(self.settings(), [layer.name for layer in chosen])
         self._capture.attach()
-        refused = self._rescuer.bind(pl_module, self._capture, self._accumulator)
+        sharded = is_model_parallel(getattr(trainer, "strategy", None))
+        refused = self._rescuer.bind(pl_module, self._capture, self._accumulator, sharded)
         if refused and rank_zero(trainer):
             warn_refused(refused, str(self.rescue_settings.rescue))
         if self._pending_state is not None:
@@ -321,6 +324,15 @@ class HealthMonitor(CallbackBase):
         if self.verbose and rank_zero(trainer):
             names = ", ".join(layer.name for layer in chosen[:8]) + (" ..." if len(chosen) > 8 else "")
             print(f"HealthMonitor: reading {len(chosen)} layers every {self.every_n_steps} steps ({names})", flush=True)
+
+    @override
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._capture is None:
+            return
+        # configure_model (FSDP2, tensor parallel) has replaced the parameters since setup: collect them now
+        self._param_groups = layer_param_groups([(n, m) for n, m in pl_module.named_modules() if n])
+        self._param_norm_reader = ParamGradNorms(self._param_groups)
+        bind_to_strategy(getattr(trainer, "strategy", None), pl_module, self._capture)
 
     def _activation_edges(self, chosen: list[MonitoredLayer]) -> dict[str, torch.Tensor]:
         edges = {}

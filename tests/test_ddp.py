@@ -198,11 +198,11 @@ def test_readings_reflect_the_global_batch_with_one_collective_per_sampled_step(
     assert logged == dict.fromkeys(range(STEPS), 0.5)
     # Only rank zero called a logger, once per sampled step.
     assert sorted(calls) == sorted(f"0 0 {s}" for s in range(STEPS))
-    # One all_gather per sampled step in steady state; the first step also agrees on the layout.
+    # Two fixed-size all-reduces (sum, max) per sampled step in steady state; the first step also agrees on the layout.
     for rank in (0, 1):
         counts = ranks[rank]["counts"]
         for step in range(1, STEPS):
-            assert {k: v for k, v in counts.items() if k.endswith(f"@{step}")} == {f"all_gather@{step}": 1}, counts
+            assert {k: v for k, v in counts.items() if k.endswith(f"@{step}")} == {f"all_reduce@{step}": 2}, counts
 
 
 def test_a_rank_with_an_empty_batch_does_not_break_the_collective(tmp_path):

@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from lightning_health.capture.selection import MonitoredLayer, activation_profile
+from lightning_health.capture.sharding import ShardPlan, local_tensor
 from lightning_health.readings import kernels
 from lightning_health.readings import reductions as R
 from lightning_health.readings.dormancy import unit_abs_sums, unit_counts
@@ -183,6 +184,7 @@ class Capture:
         self._ever_read: set[int] = set()
         self._settled_passes = 0
         self.track_abs = False  # also sum |activation| per unit on training steps (dormancy readings)
+        self.shards = ShardPlan()  # tensor parallel: units laid out across ranks (capture/sharding.py)
 
     # -- lifetime -------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -283,15 +285,20 @@ class Capture:
         layer, buf = self.layers[index], self.buffers[index]
         slot = buf.calls
         buf.calls += 1
+        if index in self.shards.silent:  # replicated across the tensor-parallel group: another rank reports it
+            if self.mode is Mode.TRAIN:
+                self.forward_order.setdefault(index)
+            return
         dim = layer.neuron_dim if y.dim() >= 3 else -1
         recomputing = _in_backward()  # activation checkpointing: this forward was already read
         if self.mode is Mode.TRAIN and y.requires_grad and torch.is_grad_enabled():
-            y.register_hook(self._make_grad_hook(index))
+            y.register_hook(self._make_grad_hook(index))  # on a DTensor itself: its local part is not in the graph
+        y = local_tensor(y)
         if recomputing:
             return
         if y.numel() == 0:  # no example, no evidence about any unit (the width is agreed later in DDP)
             return
-        fired = R.unit_fire_mask(y, dim)
+        fired = self.shards.place(index, R.unit_fire_mask(y, dim))
         prev = buf.fired.get(slot)
         buf.fired[slot] = fired if prev is None or prev.shape != fired.shape else prev | fired
         self.reported.add(index)
@@ -304,10 +311,12 @@ class Capture:
             hist = R.histogram_counts(R.histogram_sample(y, self._samples), *self._edges_on(layer.name, y.device))
             buf.act_hist = hist if buf.act_hist is None else buf.act_hist + hist
         if self.track_abs:
-            sums, prev_sums = unit_abs_sums(y, dim, scratch=self.scratch.get(y)), buf.abs_sums.get(slot)
+            sums = self.shards.place(index, unit_abs_sums(y, dim, scratch=self.scratch.get(y)))
+            prev_sums = buf.abs_sums.get(slot)
             same = prev_sums is not None and prev_sums.shape == sums.shape
             buf.abs_sums[slot] = prev_sums + sums if same else sums  # type: ignore[operator]
-            buf.abs_counts[slot] = (buf.abs_counts[slot] if same else 0) + unit_counts(y, dim)
+            count = unit_counts(y, dim) if self.shards.counts_units(index) else 0
+            buf.abs_counts[slot] = (buf.abs_counts[slot] if same else 0) + count
 
     def _nested(self, index: int, y: Tensor) -> Tensor | None:
         """A nested output's values (see :func:`dense_values`), gradients included; ``None``: skip this call."""
@@ -349,7 +358,7 @@ class Capture:
 
     def _on_grad(self, index: int, grad: Tensor) -> None:
         buf = self.buffers[index]
-        g = dense_values(grad.detach())
+        g = dense_values(local_tensor(grad.detach()))
         if self.grad_scale is not None:
             g = g.float() / self.grad_scale.to(g.device)
         totals = kernels.gradient_totals(g) if self._compiled else R.gradient_totals(g, scratch=self.scratch.get(g))

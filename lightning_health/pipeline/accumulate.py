@@ -1,8 +1,8 @@
 """From per-layer device buffers to host numbers: pack, sync across ranks once, window, transfer once.
 
 A sampled step ends here. Every layer's raw totals, histogram counts and per-unit fire masks are
-packed into one float64 vector, reduced across DDP ranks with a single collective (an all-gather
-followed by a local sum/min/max, so one call serves all three reductions), pushed into the rolling
+packed into one float64 vector, reduced across ranks by :mod:`lightning_health.pipeline.sync` (one
+sum and one max all-reduce, whose payload does not grow with the world size), pushed into the rolling
 dead-unit windows on the device, and moved to the host with one ``.tolist()``.
 
 With ``tau`` set, each layer call slot also packs its per-unit sums of ``|activation|`` and their
@@ -20,10 +20,10 @@ only known once a rank has run the layer, and one rank may never run a layer ano
 (a zero-size batch still runs it; a data-dependent branch may not). So in distributed runs only
 the (layer, call slot) masks every rank has agreed on are packed, plus one flag element that says
 "some rank has seen a slot outside the agreed layout". When the synced flag is set, which every
-rank sees at the same step, the ranks merge their layouts (one ``all_gather_object``) and pack and
-sync again; nothing is lost. This happens on the first sampled step and whenever a new slot first
-appears; every other sampled step costs exactly one ``all_gather``, plus a one-element host read of
-the flag.
+rank sees at the same step, the ranks merge their layouts (two fixed-size max all-reduces, see
+:func:`lightning_health.pipeline.sync.agree_layout`) and pack and sync again; nothing is lost. This
+happens on the first sampled step and whenever a new slot first appears; every other sampled step
+costs exactly the two all-reduces of the sync, plus a one-element host read of the flag.
 """
 
 from __future__ import annotations
@@ -32,10 +32,18 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from lightning_health.capture.hooks import Capture, StepBuffers
+from lightning_health.capture.sharding import local_tensor
+from lightning_health.pipeline.sync import (
+    agree_layout,
+    full_where_partial,
+    replica_weight,
+    sum_across_ranks,
+    sync_vector,
+    world_size,
+)
 from lightning_health.readings import reductions as R
 from lightning_health.readings.dormancy import dormant_mask, update_last_fired
 
@@ -170,29 +178,6 @@ def _slice(host: list[float], span: tuple[int, int] | None) -> list[float] | Non
 _NO_INDEX = torch.zeros(0, dtype=torch.long)
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def sync_vector(vec: Tensor, min_idx: Tensor, max_idx: Tensor) -> Tensor:
-    """Reduce ``vec`` across ranks in ONE collective: sum everywhere, min/max at the given indices.
-
-    Every rank must call this with vectors of the same layout; non-distributed runs return ``vec``.
-    """
-    n = world_size()
-    if n == 1:
-        return vec
-    gathered = [torch.empty_like(vec) for _ in range(n)]
-    dist.all_gather(gathered, vec.contiguous())
-    stacked = torch.stack(gathered)
-    out = stacked.sum(dim=0)
-    if min_idx.numel():
-        out[min_idx] = stacked[:, min_idx].amin(dim=0)
-    if max_idx.numel():
-        out[max_idx] = stacked[:, max_idx].amax(dim=0)
-    return out
-
-
 class Accumulator:
     """Per-layer state across sampled steps: the dead-unit windows, and the step-end pipeline."""
 
@@ -237,11 +222,9 @@ class Accumulator:
 
     def _agree_layout(self) -> None:
         """Every rank: merge all ranks' ``(layer, slot) -> width`` into the agreed layout."""
-        gathered: list[dict[tuple[int, int], int] | None] = [None] * world_size()
-        dist.all_gather_object(gathered, dict(self.widths))
-        for widths in gathered:
-            for key, width in (widths or {}).items():
-                self.agreed[key] = max(self.agreed.get(key, 0), width)
+        merged = agree_layout(self.widths, len(self.capture.buffers), self.device())
+        for key, width in merged.items():
+            self.agreed[key] = max(self.agreed.get(key, 0), width)
         self.widths.update(self.agreed)  # a slot this rank never ran is now known here too
 
     def _pack_masks(
@@ -550,26 +533,43 @@ class ParamGradNorms:
     One ``_foreach_norm`` over every gradient and one segment sum replace a handful of small ops per
     module. The segment index lives on the device and is rebuilt only when the set of parameters
     with a gradient changes (building it is a host-to-device copy).
+
+    Sharded parameters (DTensor, from FSDP2's ``fully_shard`` or tensor parallel): each rank squares
+    its local shards, weighted so that a shard held by several ranks counts once
+    (:func:`lightning_health.pipeline.sync.replica_weight`), and one sum all-reduce of the per-module
+    vector gives every rank the exact global norm. Unsharded runs issue no collective here.
     """
 
     def __init__(self, groups: Sequence[tuple[str, list[torch.nn.Parameter]]]) -> None:
         self.groups = list(groups)
-        self._index: tuple[tuple[int, ...], Tensor] | None = None
+        self._index: tuple[tuple[int, ...], Tensor, Tensor | None] | None = None
+        self.sharded = any(hasattr(p, "placements") for _name, params in self.groups for p in params)
 
     def __call__(self, device: torch.device) -> Tensor:
         """Per group, the norm of its gradients (0 where none), as a float64 device vector."""
         grads: list[Tensor] = []
         owners: list[int] = []
+        weights: list[float] = []
+        world = world_size()
         for g, (_name, params) in enumerate(self.groups):
             for p in params:
                 if p.grad is not None:
-                    grads.append(p.grad.detach().to(device))
+                    grad = p.grad.detach()
+                    if self.sharded:
+                        grad = full_where_partial(grad)
+                        weights.append(replica_weight(grad, world))
+                    grads.append(local_tensor(grad).to(device))
                     owners.append(g)
         out = torch.zeros(len(self.groups), dtype=torch.float64, device=device)
-        if not grads:
-            return out
-        key = tuple(owners)
-        if self._index is None or self._index[0] != key or self._index[1].device != device:
-            self._index = (key, torch.tensor(owners, dtype=torch.long, device=device))
-        squares = torch.stack(torch._foreach_norm(grads)).to(torch.float64).square()
-        return out.index_add_(0, self._index[1], squares).sqrt_()
+        if grads:
+            key = tuple(owners)
+            if self._index is None or self._index[0] != key or self._index[1].device != device:
+                scale = torch.tensor(weights, dtype=torch.float64, device=device) if self.sharded else None
+                self._index = (key, torch.tensor(owners, dtype=torch.long, device=device), scale)
+            squares = torch.stack(torch._foreach_norm(grads)).to(torch.float64).square()
+            if self._index[2] is not None:  # sharded: each piece of a gradient counted once over the world
+                squares = squares * self._index[2]
+            out.index_add_(0, self._index[1], squares)
+        if self.sharded:  # every rank runs this collective, with or without gradients
+            out = sum_across_ranks(out)
+        return out.sqrt_()

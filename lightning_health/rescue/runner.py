@@ -133,14 +133,22 @@ class Rescuer:
                 done.append(event.layer)
         return done
 
-    def bind(self, model: nn.Module, capture: Capture, accumulator: Accumulator) -> dict[str, str]:
+    def bind(
+        self, model: nn.Module, capture: Capture, accumulator: Accumulator, sharded: bool = False
+    ) -> dict[str, str]:
         """Map the monitored layers to what the rescue changes; returns ``{layer: why refused}``.
 
-        Layers already made leaky by a recorded event are neither targets nor refused.
+        Layers already made leaky by a recorded event are neither targets nor refused. Under
+        sharding (``ModelParallelStrategy``) every layer is refused: a recycled unit's incoming and
+        outgoing weights and its optimizer state live in shards on different ranks (DTensors), which
+        the treatments do not update; the monitor keeps watching.
         """
         self._model, self._capture, self._accumulator = model, capture, accumulator
         if self.settings.rescue is None:
             return {}
+        if sharded:
+            why = "its parameters are sharded (ModelParallelStrategy); rescue under sharding is not supported yet"
+            return {layer.name: why for layer in capture.layers}
         self._policy = RescuePolicy(
             self.settings.rescue,
             init=self.settings.rescue_init,

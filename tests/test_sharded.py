@@ -1,0 +1,80 @@
+"""Lightning's ModelParallelStrategy on 2 CPU ranks (gloo): FSDP2 and tensor parallel against a 1-process reference.
+
+The sharded fit runs in ``python -m tests.sharded_fit`` (Lightning relaunches that module for rank
+1; it cannot re-run pytest). The reference is the same model, same weights (lr 0) and the global
+batch, read by the monitor in this process; the unit that never fires and the parameter-gradient
+norms are also checked against plain torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests import sharded_fit as F
+
+pytestmark = [
+    pytest.mark.ddp,
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"),
+]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(mode: str, out: Path) -> dict[int, dict]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.sharded_fit", mode, str(out)], cwd=ROOT, env=env, capture_output=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    return {r: json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)}
+
+
+def _param_grad_norms(dp_size: int) -> dict[str, list[float]]:
+    """Plain torch: per module, the norm of the gradient the optimizer sees (the mean over data-parallel ranks)."""
+    model = F.TinyMLP()
+    out: dict[str, list[float]] = {"up": [], "down": []}
+    for step in range(F.STEPS):
+        model.zero_grad()
+        (model(F.global_batch(dp_size, step)).square().sum() / dp_size).backward()
+        for name in out:
+            module = getattr(model, name)
+            out[name].append(torch.cat([p.grad.reshape(-1) for p in module.parameters()]).norm().item())
+    return out
+
+
+@pytest.mark.parametrize("mode, dp_size", [("fsdp", 2), ("tp", 1)])
+def test_model_parallel_readings_equal_one_process_on_the_global_batch(tmp_path, mode, dp_size):
+    ranks = _run(mode, tmp_path)
+    reference = F.fit("single", tmp_path, dp_size=dp_size)
+    expected = {m: reference.curves(m) for m in reference._history.metrics() if m != "param_grad_norm"}
+    assert {"act_mean", "act_std", "grad_norm", "alive_fraction", "dead_fraction", "dormant_fraction"} <= set(expected)
+    for rank in (0, 1):
+        got = ranks[rank]["readings"]
+        for metric, layers in expected.items():
+            for layer, points in layers.items():
+                assert [s for s, _ in got[metric][layer]] == [s for s, _ in points], (rank, metric, layer)
+                for (_s, value), (_t, ref) in zip(got[metric][layer], points):
+                    assert value == pytest.approx(ref, rel=1e-5, abs=1e-6), (
+                        rank,
+                        metric,
+                        layer,
+                    )  # float32 matmuls of 4 vs 8 rows
+        # the hidden layer's unit 5 never fires: 7 of 8 alive (tensor parallel: units concatenated across ranks)
+        hidden = [(F.global_batch(dp_size, s) @ F.TinyMLP().up.weight.T + F.TinyMLP().up.bias > 0) for s in range(3)]
+        alive = [h.any(0).float().mean().item() for h in hidden]
+        assert [v for _s, v in got["alive_fraction"]["act"]] == pytest.approx(alive)
+        assert not any(h[:, F.DEAD_UNIT].any() for h in hidden)
+        norms = {layer: [v for _s, v in pts] for layer, pts in got["param_grad_norm"].items()}
+        ref_norms = _param_grad_norms(dp_size)
+        for layer in ("up", "down"):
+            assert norms[layer] == pytest.approx(ref_norms[layer], rel=1e-6), (rank, layer)
+            assert min(norms[layer]) > 0
+    # the sync is all-reduces only (no all_gather), each of a size fixed by the model
+    assert ranks[0]["calls"] == ranks[1]["calls"] and {c for c, _b in ranks[0]["calls"]} == {"all_reduce"}
