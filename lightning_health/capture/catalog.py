@@ -57,8 +57,9 @@ def _torch_nn() -> Iterator[tuple[str, nn.Module]]:
     ):
         yield f"`nn.{type(m).__name__}`", m
     yield "`nn.Threshold(0.1, 20.0)`", nn.Threshold(0.1, 20.0)
-    for m in (nn.GLU(), nn.Softmax(dim=-1), nn.Softmin(dim=-1), nn.LogSoftmax(dim=-1)):
-        yield f"`nn.{type(m).__name__}`", m
+    mixing: tuple[nn.Module, ...] = (nn.GLU(), nn.Softmax(dim=-1), nn.Softmin(dim=-1), nn.LogSoftmax(dim=-1))
+    for mix in mixing:
+        yield f"`nn.{type(mix).__name__}`", mix
 
 
 _TRANSFORMERS = (
