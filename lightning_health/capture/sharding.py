@@ -84,9 +84,11 @@ def _output_split(module: nn.Module) -> int | None:
     from torch.distributed.tensor import DTensor
 
     weight = getattr(module, "weight", None)
-    if not isinstance(weight, DTensor) or TP_DIM not in (weight.device_mesh.mesh_dim_names or ()):
+    names = tuple(weight.device_mesh.mesh_dim_names or ()) if isinstance(weight, DTensor) else ()
+    if TP_DIM not in names:
         return None
-    placement = weight.placements[weight.device_mesh.mesh_dim_names.index(TP_DIM)]
+    assert isinstance(weight, DTensor)
+    placement = weight.placements[names.index(TP_DIM)]
     out_dim = 1 if isinstance(module, nn.Embedding) else 0
     if placement.is_shard() and placement.dim % weight.dim() == out_dim:  # type: ignore[attr-defined]
         return int(weight.shape[out_dim])
