@@ -30,6 +30,7 @@ from lightning_health.capture.sharding import bind_to_strategy, is_model_paralle
 from lightning_health.diagnosis import Finding, FindingLog, Thresholds, evaluate
 from lightning_health.pipeline.accumulate import Accumulator, LayerReading, ParamGradNorms, layer_param_groups
 from lightning_health.pipeline.history import History
+from lightning_health.pipeline.learning import UpdateTracker, UpdateWindow, fold_learning
 from lightning_health.pipeline.schedule import SamplingSchedule, validate_every_n_steps
 from lightning_health.readings import reductions as R
 from lightning_health.rescue.policy import RescueEvent, RescueMode
@@ -106,6 +107,10 @@ class HealthMonitor(CallbackBase):
         rescue_init: ``"auto"`` (He for rectifiers, Glorot for tanh/sigmoid), ``"kaiming"`` or ``"xavier"``.
         leaky_slope: the LeakyReLU negative slope for ``rescue="leaky"``.
         rescue_seed: seeds the recycled weights (``rescue_seed + step``), identical on every rank.
+        update_ratio_max_bytes: the ``update_ratio`` reading copies the weights it reads before the
+            optimizer step (exact for any optimizer); this bounds that copy. Modules that do not fit
+            together are read in rotation across sampled steps. ``None``: no bound; ``0``: no
+            update ratio (``param_norm`` is read either way). See docs/readings.md.
 
     Raises:
         TypeError, ValueError: for bad arguments, naming the argument.
@@ -143,6 +148,7 @@ class HealthMonitor(CallbackBase):
         rescue_init: RescueInit = "auto",
         leaky_slope: float = 0.01,
         rescue_seed: int = 0,
+        update_ratio_max_bytes: int | None = 2**29,
     ) -> None:
         self.every_n_steps = validate_every_n_steps(every_n_steps)
         validate_layer_spec(layers)
@@ -175,6 +181,8 @@ class HealthMonitor(CallbackBase):
         )
         self._rescuer = Rescuer(self.rescue_settings)
         self._last_fired_host: dict[str, list[int]] = {}
+        self.update_ratio_max_bytes = check.optional_positive_int("update_ratio_max_bytes", update_ratio_max_bytes, 0)
+        self._update_window = UpdateWindow(self.dead_window)
         self._reset_runtime()
 
     # -- runtime state (rebuilt in setup; never pickled with the callback) ----------------------------
@@ -184,6 +192,7 @@ class HealthMonitor(CallbackBase):
         self._sinks = SinkSet([])
         self._param_groups: list[tuple[str, list[torch.nn.Parameter]]] = []
         self._param_norm_reader = ParamGradNorms([])
+        self._updates = UpdateTracker([], 0)
         self._param_norms: torch.Tensor | None = None
         self._amp_overflow: torch.Tensor | None = None  # GradScaler found inf/NaN: this step is skipped
         self._armed_step: int | None = None
@@ -204,6 +213,7 @@ class HealthMonitor(CallbackBase):
             "_sinks",
             "_param_groups",
             "_param_norm_reader",
+            "_updates",
             "_param_norms",
             "_host_edges",
         ):
@@ -310,6 +320,14 @@ class HealthMonitor(CallbackBase):
         self._layer_names = [layer.name for layer in chosen]
         self._param_groups = layer_param_groups([(n, m) for n, m in pl_module.named_modules() if n])
         self._param_norm_reader = ParamGradNorms(self._param_groups)
+        self._updates = UpdateTracker(self._param_groups, self.update_ratio_max_bytes)
+        if self._updates.too_large and rank_zero(trainer):
+            warnings.warn(
+                f"HealthMonitor reads no update_ratio for {', '.join(self._updates.too_large)}: larger than "
+                f"`update_ratio_max_bytes` ({self.update_ratio_max_bytes}); raise it to read them.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if rank_zero(trainer):
             self._sinks = SinkSet(sinks_for(getattr(trainer, "loggers", []), writer=self.writer))
             self._sinks.start(self.settings(), [layer.name for layer in chosen])
@@ -348,6 +366,7 @@ class HealthMonitor(CallbackBase):
         if self._capture is not None:
             self._capture.detach()
             self._capture.reset()
+        self._updates.discard()
         self._armed_step = None
 
     @override
@@ -413,6 +432,7 @@ class HealthMonitor(CallbackBase):
         if self._param_groups:
             device = self._param_groups[0][1][0].device
             self._param_norms = self._param_norm_reader(device)
+            self._updates.before_step()  # weights before the update: clipping touches only gradients
 
     @override
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -435,7 +455,8 @@ class HealthMonitor(CallbackBase):
             timing = torch.empty(2, dtype=torch.float64, device=device)
             timing[0], timing[1] = self._sampled_seconds, self._idle_seconds  # fills, no host-to-device copy
         has_norms, has_overflow = self._param_norms is not None, self._amp_overflow is not None
-        extra = [t for t in (self._param_norms, self._amp_overflow) if t is not None]  # ride the one transfer
+        learning, read = self._updates.after_step()  # after optimizer.step: before any rescue moves weights
+        extra = [t for t in (self._param_norms, learning, self._amp_overflow) if t is not None]  # one transfer
         device = accumulator.device()
         try:
             readings, extra_host, shared = accumulator.finish_train_step(
@@ -448,6 +469,7 @@ class HealthMonitor(CallbackBase):
             self._param_norms = None
         overflow = has_overflow and extra_host[-1] > 0
         norms = extra_host[: len(self._param_groups)] if has_norms else []
+        learning_host = extra_host[len(norms) : len(norms) + (0 if learning is None else learning.numel())]
         self._amp_overflow = None
         scalars, histograms, snapshot = self._tabulate(step, readings, capture)
         scalars.update(self._rescue(trainer, step))
@@ -465,8 +487,16 @@ class HealthMonitor(CallbackBase):
             for readings_of_layer in snapshot.values():
                 for key in ("grad_std", "grad_max", "grad_norm", "grad_nonfinite"):
                     readings_of_layer.pop(key, None)
-        self._sinks.write(step, scalars, histograms)
         order = [capture.layers[i].name for i in capture.forward_order]
+        step_learning = self._updates.readings(learning_host, read) if learning is not None else {}
+        names = [name for name, _params in self._param_groups]
+        for metric, values in fold_learning(
+            step_learning, list(zip(names, norms)), self._update_window, snapshot, order, overflow
+        ).items():
+            for name, value in values.items():
+                scalars[f"health/{metric}/{name}"] = value
+                self._history.add(step, metric, name, value)
+        self._sinks.write(step, scalars, histograms)
         with_grad = [name for name in order if "grad_std" in snapshot.get(name, {})]
         found, checked = evaluate(
             step,
@@ -476,6 +506,7 @@ class HealthMonitor(CallbackBase):
             output_layer=with_grad[-1] if with_grad else None,
             window=self.dead_window,
             smooth_rectifiers=self._smooth,
+            layer_order=order,
         )
         self._settle(trainer, capture, readings)
         self._react(trainer, self._findings.record(found, checked, step), step)
@@ -638,6 +669,7 @@ class HealthMonitor(CallbackBase):
             "thresholds": dataclasses.asdict(self.thresholds),
             "dashboard": self.dashboard,
             "heatmap_every_n_samples": self.heatmap_every_n_samples,
+            "update_ratio_max_bytes": self.update_ratio_max_bytes,
             **dataclasses.asdict(self.rescue_settings),
         }
 
@@ -652,6 +684,15 @@ class HealthMonitor(CallbackBase):
             curves = self.curves("dead_fraction")
             if curves:
                 self._sinks.image(step, HEATMAP_TAG, render_heatmap(curves, self.monitored_layers))
+            self._publish_profile(step)
+
+    def _publish_profile(self, step: int) -> None:
+        """The gradient-flow picture (needs matplotlib, the `plot` extra; skipped without it)."""
+        from lightning_health.sinks.depth_profile import MATPLOTLIB_AVAILABLE, PROFILE_TAG, depth_profile_rgb
+
+        curves = {metric: self.curves(metric) for metric in ("grad_norm", "act_rms")}
+        if MATPLOTLIB_AVAILABLE and curves["grad_norm"]:
+            self._sinks.image(step, PROFILE_TAG, depth_profile_rgb(curves, self.monitored_layers))
 
     @override
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
@@ -676,6 +717,7 @@ class HealthMonitor(CallbackBase):
             "layers": list(self._layer_names),
             "schedule": self._schedule.state_dict(),
             "rescues": self._rescuer.state_dict(),
+            "update_window": self._update_window.state_dict(),
             "accumulator": (
                 self._accumulator.state_dict()
                 if self._accumulator is not None
@@ -691,6 +733,7 @@ class HealthMonitor(CallbackBase):
         self._layer_names = self._layer_names or list(state_dict.get("layers", []))
         self._schedule.load_state_dict(state_dict.get("schedule", {}))
         self._rescuer.load_state_dict(state_dict.get("rescues", {}))  # replays `leaky` swaps when set up
+        self._update_window.load_state_dict(state_dict.get("update_window", {}))
         accumulator_state = state_dict.get("accumulator", {})
         if self._accumulator is not None:
             self._accumulator.load_state_dict(accumulator_state)

@@ -12,7 +12,10 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 Severity = Literal["warning", "critical"]
-KINDS = ("nonfinite", "dead", "exploding_gradient", "vanishing_gradient", "saturated", "collapsed", "inactive")
+KINDS = (
+    "nonfinite", "dead", "exploding_gradient", "vanishing_gradient", "saturated", "collapsed", "inactive",
+    "gradient_flow", "stalled", "unstable",
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +25,7 @@ class Finding:
     Attributes:
         layer: the module's qualified name.
         kind: one of ``dead``, ``inactive``, ``saturated``, ``vanishing_gradient``,
-            ``exploding_gradient``, ``collapsed``, ``nonfinite``.
+            ``exploding_gradient``, ``collapsed``, ``nonfinite``, ``gradient_flow``, ``stalled``, ``unstable``.
         severity: ``"warning"`` or ``"critical"``.
         message: what is wrong, in plain English, with the numbers.
         step: the global step at which this problem first appeared (its onset).

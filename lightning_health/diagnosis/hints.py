@@ -18,4 +18,10 @@ HINTS = {
     "or saturated layers upstream.",
     "nonfinite": "Lower the learning rate, clip gradients, guard log/div against zero, and prefer bf16 to fp16 "
     "when values overflow.",
+    "gradient_flow": "The gradient changes by this factor across the named stretch: look there for a missing "
+    "residual or normalization, a saturating activation, or a mismatched initialisation.",
+    "stalled": "Check that the module's parameters are in the optimizer with a non-zero learning rate (param "
+    "groups, schedulers, freezing), and look upstream for dead or saturated layers that starve it of gradient.",
+    "unstable": "The step is large for this module's weights: lower its learning rate (a smaller param-group lr or "
+    "warm-up), clip gradients, or initialise it at a larger scale.",
 }

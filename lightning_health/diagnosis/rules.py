@@ -18,6 +18,14 @@ Rules (defaults in :class:`Thresholds`, all overridable):
 - ``exploding_gradient``: gradient std above 10 (critical).
 - ``collapsed``: activation std below ``1e-3``: the layer says the same thing for every input.
 - ``nonfinite``: any NaN or Inf in a layer's activations or gradients (critical).
+- ``gradient_flow``: across the stretch of the network between two consecutive monitored layers,
+  the activation gradient's norm changes by more than ``flow_gain`` (10x) either way: where
+  vanishing or exploding starts. Read from :func:`~lightning_health.diagnosis.learning.depth_profile`.
+- ``stalled``: a module's update-to-weight ratio stayed below ``1e-5`` **and** below ``1/100`` of
+  the other modules' over the whole window, while it did get a gradient (frozen modules and steps
+  the GradScaler skipped are not judged).
+- ``unstable``: a module's update-to-weight ratio stayed above ``0.1`` over the whole window: every
+  step moves its weights by a tenth of their size.
 
 Each rule is one small function registered in :data:`RULES`: adding a rule is adding a function.
 """
@@ -26,10 +34,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from lightning_health.diagnosis.findings import Finding, Severity
 from lightning_health.diagnosis.hints import HINTS
+from lightning_health.diagnosis.learning import previous_layers
 from lightning_health.diagnosis.thresholds import Thresholds
 
 
@@ -44,6 +53,7 @@ class Context:
     output_layer: str | None
     reference_grad_std: float | None
     window: int | None
+    previous: Mapping[str, str] = dataclasses.field(default_factory=dict)  # layer -> the one before it
 
 
 Hit = tuple[str, Severity, str, float]  # kind, severity, message, value
@@ -149,7 +159,52 @@ def collapse_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set
     return {"collapsed"}, []
 
 
-RULES: tuple[Rule, ...] = (nonfinite_rule, dead_rule, inactive_rule, saturation_rule, gradient_rule, collapse_rule)
+def gradient_flow_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
+    gain = r.get("grad_gain")
+    if gain is None:
+        return set(), []
+    limit = ctx.thresholds.flow_gain
+    before = ctx.previous.get(layer, "the layer before it")
+    if gain < 1 / limit:
+        message = f"gradient norm shrinks {1 / gain:.3g}x on its way back from {layer} to {before}"
+        return {"gradient_flow"}, [("gradient_flow", "warning", message, gain)]
+    if gain > limit:
+        message = f"gradient norm grows {gain:.3g}x on its way back from {layer} to {before}"
+        return {"gradient_flow"}, [("gradient_flow", "warning", message, gain)]
+    return {"gradient_flow"}, []
+
+
+def stalled_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
+    peak, others = r.get("update_ratio_max"), r.get("update_ratio_others")
+    if peak is None or others is None or not r.get("update_ratio_full"):
+        return set(), []
+    t = ctx.thresholds
+    if peak < t.stalled_update_ratio and peak < t.stalled_ratio * others:
+        scope = f"the last {ctx.window} sampled steps" if ctx.window else "the window"
+        message = (
+            f"update/weight ratio at most {peak:.1e} over {scope}, while the other modules' is {others:.1e}: "
+            "its weights are not moving"
+        )
+        return {"stalled"}, [("stalled", "warning", message, peak)]
+    return {"stalled"}, []
+
+
+def unstable_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
+    low = r.get("update_ratio_min")
+    if low is None or not r.get("update_ratio_full"):
+        return set(), []
+    limit = ctx.thresholds.unstable_update_ratio
+    if low > limit:
+        scope = f"the last {ctx.window} sampled steps" if ctx.window else "the window"
+        message = f"update/weight ratio at least {low:.2g} at every one of {scope} (above {limit:g})"
+        return {"unstable"}, [("unstable", "warning", message, low)]
+    return {"unstable"}, []
+
+
+RULES: tuple[Rule, ...] = (
+    nonfinite_rule, dead_rule, inactive_rule, saturation_rule, gradient_rule, collapse_rule,
+    gradient_flow_rule, stalled_rule, unstable_rule,
+)  # fmt: skip
 """Every rule, in the order their findings are listed at one step."""
 
 
@@ -162,6 +217,7 @@ def evaluate(
     output_layer: str | None = None,
     window: int | None = None,
     smooth_rectifiers: Iterable[str] = (),
+    layer_order: Sequence[str] | None = None,
 ) -> tuple[list[Finding], set[tuple[str, str]]]:
     """Apply every rule in :data:`RULES` to one step's readings.
 
@@ -176,6 +232,7 @@ def evaluate(
         window: the dead-unit window length in sampled batches, for the message.
         smooth_rectifiers: layers whose activation has a smooth off side (GELU, SiLU, ELU, ...):
             the ``inactive`` rule reads their never-positive units.
+        layer_order: the monitored layers in forward order, to name both ends of a gradient-flow stretch.
 
     Returns:
         The findings at this step, and the (layer, kind) pairs that were checked.
@@ -183,6 +240,8 @@ def evaluate(
     ref = readings.get(output_layer, {}).get("grad_std") if output_layer is not None else None
     hard = None if rectifiers is None else set(rectifiers)
     ctx = Context(step, thresholds, hard, set(smooth_rectifiers), output_layer, ref, window)
+    if layer_order:
+        ctx = dataclasses.replace(ctx, previous=previous_layers(layer_order))
     found: list[Finding] = []
     checked: set[tuple[str, str]] = set()
     for layer, raw in readings.items():

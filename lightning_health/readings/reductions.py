@@ -352,6 +352,7 @@ def derive_activation(t: Sequence[float]) -> dict[str, float]:
     return {
         "act_mean": mean,
         "act_std": std,
+        "act_rms": math.sqrt(mean * mean + std * std * (n - 1) / n),  # std is the sample (n - 1) one
         "act_min": t[A_MIN],
         "act_max": t[A_MAX],
         "zero_fraction": t[A_ZEROS] / n,

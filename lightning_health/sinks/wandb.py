@@ -84,7 +84,8 @@ class WandbSink(SinkBase):
         self.logger.log_metrics({"health/findings": table}, step=step)
 
     def image(self, step: int, tag: str, rgb: np.ndarray) -> None:
-        image = _wandb().Image(rgb, caption=f"dead fraction per layer (rows) over sampled steps, up to step {step}")
+        what = "dead fraction per layer (rows) over sampled steps" if "heatmap" in tag else tag.split("/")[-1]
+        image = _wandb().Image(rgb, caption=f"{what}, up to step {step}")
         self.logger.log_metrics({tag: image}, step=step)
 
     def finish(self, step: int, summary: Mapping[str, Any]) -> None:

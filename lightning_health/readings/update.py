@@ -1,0 +1,65 @@
+"""Is each module learning? Parameter norms and the update-to-weight ratio, as pure tensor functions.
+
+``update_ratio = ||W_after - W_before|| / ||W_before||`` over all of one module's parameters, for one
+optimizer step. It is computed from the weights themselves (a snapshot before the step, the live
+weights after it), so it is exact whatever the optimizer does: momentum, Adam, weight decay,
+schedulers, clipping, a GradScaler that skips the step (the weights did not move: 0).
+
+Example:
+    >>> import torch
+    >>> w = [torch.ones(3, 4), torch.ones(4)]
+    >>> owners = torch.tensor([0, 0])
+    >>> group_norms(w, owners, 1).round(decimals=4)
+    tensor([4.], dtype=torch.float64)
+    >>> update_ratio(torch.tensor([0.0, 1e-3, 2.0]), torch.tensor([0.0, 1.0, 0.0]))
+    tensor([0.0000, 0.0010,    nan])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def group_norms(tensors: Sequence[Tensor], owners: Tensor, groups: int) -> Tensor:
+    """The L2 norm of each group's tensors, in one ``_foreach_norm`` and one segment sum.
+
+    Args:
+        tensors: the tensors, all on one device.
+        owners: a long tensor on that device: the group index of each tensor.
+        groups: how many groups (groups without a tensor read 0).
+
+    Returns:
+        A float64 vector of ``groups`` norms.
+    """
+    device = owners.device
+    out = torch.zeros(groups, dtype=torch.float64, device=device)
+    if not tensors:
+        return out
+    squares = torch.stack(torch._foreach_norm(list(tensors))).to(torch.float64).square()
+    return out.index_add_(0, owners, squares).sqrt_()
+
+
+def snapshot(params: Sequence[Tensor]) -> list[Tensor]:
+    """Exact copies of ``params`` in their own dtype and device (a lower precision would swamp small updates)."""
+    return [p.detach().clone() for p in params]
+
+
+def update_norms(before: list[Tensor], params: Sequence[Tensor], owners: Tensor, groups: int) -> Tensor:
+    """Per group, ``||W_after - W_before||``; ``before`` is overwritten with the difference (no second copy)."""
+    if not before:
+        return torch.zeros(groups, dtype=torch.float64, device=owners.device)
+    torch._foreach_sub_(before, [p.detach() for p in params])
+    return group_norms(before, owners, groups)
+
+
+def update_ratio(delta_norm: Tensor, weight_norm: Tensor) -> Tensor:
+    """``delta / weight`` elementwise; 0 where nothing moved, NaN where the weights were all zero and moved.
+
+    A module whose weights are all zero (a zero-initialised projection before its first step) has no
+    scale to compare its update with: its ratio is undefined, not infinite, and no rule reads it.
+    """
+    ratio = torch.where(weight_norm > 0, delta_norm / weight_norm, torch.full_like(delta_norm, float("nan")))
+    return torch.where(delta_norm == 0, torch.zeros_like(ratio), ratio)

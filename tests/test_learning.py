@@ -1,0 +1,246 @@
+"""Is each layer learning? update_ratio, param_norm, the depth profile and their rules, in real fits.
+
+Every reference is computed by the test itself from the model's tensors (a callback placed after the
+monitor reads the weights and gradients with plain torch), never from the monitor's numbers.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
+from torch import nn
+
+from benchmarks.workloads import MLP, make_workload
+from lightning_health import HealthMonitor, Thresholds
+from lightning_health.diagnosis.learning import UpdateWindow, depth_profile
+from lightning_health.offline.patients import PatientMLP, patient_loaders
+from lightning_health.pipeline.learning import UpdateTracker
+from lightning_health.readings.update import update_ratio
+from tests.conftest import trainer_kwargs
+
+MODULES = ("net.0", "net.2", "net.4", "net.6", "net.8")
+
+
+class WeightSpy(pl.Callback):
+    """After the monitor: per step, each Linear's weights before the update, its gradient, and weights after."""
+
+    def __init__(self) -> None:
+        self.before: dict[int, dict[str, list[torch.Tensor]]] = {}
+        self.grads: dict[int, dict[str, list[torch.Tensor]]] = {}
+        self.after: dict[int, dict[str, list[torch.Tensor]]] = {}
+
+    @staticmethod
+    def _params(pl_module):
+        return {n: list(m.parameters(recurse=False)) for n, m in pl_module.named_modules() if n in MODULES}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        params = self._params(pl_module)
+        self.before[trainer.global_step] = {n: [p.detach().clone() for p in ps] for n, ps in params.items()}
+        self.grads[trainer.global_step] = {
+            n: [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in ps]
+            for n, ps in params.items()
+        }
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step - 1
+        self.after[step] = {n: [p.detach().clone() for p in ps] for n, ps in self._params(pl_module).items()}
+
+    def ratio(self, step: int, name: str) -> float:
+        before, after = self.before[step][name], self.after[step][name]
+        delta = torch.cat([(a - b).double().reshape(-1) for a, b in zip(after, before)]).norm()
+        return (delta / torch.cat([b.double().reshape(-1) for b in before]).norm()).item()
+
+
+def _fit(model, monitor, *, steps=8, loggers=False, spy=None, **kw):
+    callbacks = [monitor] + ([spy] if spy is not None else [])
+    trainer = pl.Trainer(
+        callbacks=callbacks, **trainer_kwargs(max_steps=steps, limit_val_batches=0, logger=loggers, **kw)
+    )
+    trainer.fit(model, patient_loaders()[0])
+    return trainer
+
+
+def _at(monitor, metric, name, step):
+    return dict(monitor.curves(metric)[name])[step]
+
+
+# -- pure functions --------------------------------------------------------------------------------------
+def test_update_ratio_is_zero_without_a_move_and_undefined_for_zero_weights():
+    out = update_ratio(torch.tensor([0.0, 2e-3, 1.0, 0.0]), torch.tensor([3.0, 2.0, 0.0, 0.0], dtype=torch.float64))
+    assert out[0] == 0 and out[1] == pytest.approx(1e-3) and torch.isnan(out[2]) and out[3] == 0
+
+
+def test_depth_profile_gains_follow_the_signal():
+    snap = {"a": {"act_rms": 1.0, "grad_norm": 4.0}, "b": {"act_rms": 3.0, "grad_norm": 2.0}, "c": {"act_rms": 6.0}}
+    profile = depth_profile(["a", "b", "c"], snap)
+    assert profile["b"]["act_gain"] == 3.0 and profile["b"]["grad_gain"] == 2.0  # backward: a's grad over b's
+    assert "grad_gain" not in profile["c"] and profile["c"]["act_gain"] == 2.0 and "act_gain" not in profile["a"]
+
+
+def test_update_window_skips_amp_steps_and_modules_without_gradient():
+    window = UpdateWindow(2)
+    ok = {"update_ratio": 1e-3, "param_grad_norm": 1.0}
+    window.add({"a": ok, "b": {"update_ratio": 0.0, "param_grad_norm": 1.0}})
+    skipped = window.add({"a": {"update_ratio": 0.0, "param_grad_norm": 1.0}, "b": ok}, skipped=True)
+    assert skipped == {}
+    stats = window.add({"a": ok, "b": {"update_ratio": 0.0, "param_grad_norm": 0.0}})
+    assert stats["a"]["update_ratio_min"] == 1e-3 and stats["a"]["update_ratio_full"] == 1.0
+    assert "b" not in stats  # no gradient reached it: forgotten, not judged
+
+
+def test_the_byte_budget_rotates_the_modules_and_bounds_the_copy():
+    model = PatientMLP()
+    groups = [(n, list(m.parameters(recurse=False))) for n, m in model.named_modules() if n in MODULES]
+    sizes = [sum(p.numel() * 4 for p in ps) for _n, ps in groups]  # 288, 1088, 1088, 1088, 272 bytes
+    tracker = UpdateTracker(groups, max_bytes=1400)
+    seen: list[int] = []
+    for _ in range(4):
+        tracker.before_step()
+        vector, read = tracker.after_step()
+        assert vector is not None and sum(sizes[i] for i in read) <= 1400
+        seen += read
+    assert set(seen) == set(range(len(groups))) and tracker.peak_bytes <= 1400
+    assert UpdateTracker(groups, max_bytes=1000).too_large == ["net.2", "net.4", "net.6"]
+
+
+# -- against independent references in real fits ------------------------------------------------------------
+def test_plain_sgd_ratio_is_lr_times_gradient_norm_over_weight_norm():
+    spy, monitor = WeightSpy(), HealthMonitor(every_n_steps=2, verbose=False)
+    model = PatientMLP(lr=0.05)
+    _fit(model, monitor, spy=spy)
+    for step in (0, 2, 4, 6):
+        for name in MODULES:
+            g = torch.cat([t.double().reshape(-1) for t in spy.grads[step][name]]).norm().item()
+            w = torch.cat([t.double().reshape(-1) for t in spy.before[step][name]]).norm().item()
+            assert _at(monitor, "update_ratio", name, step) == pytest.approx(0.05 * g / w, rel=1e-5), (step, name)
+            assert _at(monitor, "param_norm", name, step) == pytest.approx(w, rel=1e-6)
+    assert [s for s, _ in monitor.curves("update_ratio")["net.0"]] == [0, 2, 4, 6]  # sampled steps only
+
+
+class AdamPatient(PatientMLP):
+    def __init__(self, lrs=None, **kw):
+        super().__init__(**kw)
+        self.lrs = lrs or {}
+
+    def configure_optimizers(self):
+        groups = [
+            {"params": list(self.net[int(name.split(".")[1])].parameters()), "lr": self.lrs.get(name, 1e-2)}
+            for name in MODULES
+        ]
+        return torch.optim.AdamW(groups, weight_decay=0.1)
+
+
+def test_adam_with_weight_decay_equals_the_difference_of_snapshots_taken_by_the_test():
+    spy, monitor = WeightSpy(), HealthMonitor(every_n_steps=1, verbose=False)
+    _fit(AdamPatient(), monitor, spy=spy, steps=6, gradient_clip_val=0.5)
+    for step in range(6):
+        for name in MODULES:
+            assert _at(monitor, "update_ratio", name, step) == pytest.approx(spy.ratio(step, name), rel=1e-5)
+
+
+def test_a_module_with_learning_rate_zero_is_stalled_and_no_other_is():
+    monitor = HealthMonitor(every_n_steps=1, verbose=False, dead_window=4)
+    _fit(AdamPatient(lrs={"net.4": 0.0}), monitor, steps=8)
+    assert {v for _, v in monitor.curves("update_ratio")["net.4"]} == {0.0}
+    stalled = [f for f in monitor.diagnose() if f.kind == "stalled"]
+    assert [f.layer for f in stalled] == ["net.4"] and stalled[0].hint and "not moving" in stalled[0].message
+
+
+def test_a_frozen_module_reads_zero_and_is_not_stalled():
+    class FreezeAtStep3(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                pl_module.net[4].requires_grad_(False)
+
+    frozen_from_start = PatientMLP()
+    frozen_from_start.net[0].requires_grad_(False)
+    monitor = HealthMonitor(every_n_steps=1, verbose=False, dead_window=3)
+    trainer = pl.Trainer(callbacks=[FreezeAtStep3(), monitor], **trainer_kwargs(max_steps=10, limit_val_batches=0))
+    trainer.fit(frozen_from_start, patient_loaders()[0])
+    ratios = dict(monitor.curves("update_ratio")["net.4"])
+    assert ratios[2] > 0 and all(ratios[s] == 0.0 for s in range(3, 10))
+    assert "net.0" not in monitor.curves("update_ratio")  # frozen before set-up: not a monitored group
+    assert not [f for f in monitor.diagnose() if f.kind == "stalled"]
+
+
+def test_an_amp_skipped_step_reads_zero_and_is_not_stalled():
+    spy, monitor = WeightSpy(), HealthMonitor(every_n_steps=1, verbose=False, dead_window=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # fp16 gradients overflow for several steps
+    _fit(PatientMLP(), monitor, spy=spy, steps=6, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    skipped = [s for s in range(6) if all(spy.ratio(s, n) == 0 for n in MODULES)]
+    assert len(skipped) >= 2  # the scaler really skipped steps (weights untouched)
+    for step in skipped:
+        assert all(_at(monitor, "update_ratio", n, step) == 0.0 for n in MODULES)
+    assert not [f for f in monitor.diagnose() if f.kind == "stalled"]
+
+
+@pytest.mark.parametrize("name", ["mlp", "lm"])
+def test_a_healthy_adam_1e3_run_is_neither_stalled_nor_unstable(name):
+    module, loader = make_workload(name, num_batches=12, tiny=True)
+    if name == "mlp":  # full width: 784- and 1024-fan-in Linears are where Adam's first steps are largest
+        module = MLP(width=1024, depth=2)
+    monitor = HealthMonitor(every_n_steps=1, verbose=False)
+    pl.Trainer(callbacks=[monitor], **trainer_kwargs(max_steps=12, limit_val_batches=0)).fit(module, loader)
+    ratios = [v for pts in monitor.curves("update_ratio").values() for _, v in pts if np.isfinite(v)]
+    assert ratios and max(ratios) > 1e-3  # Adam really moved the weights
+    assert not [f for f in monitor.diagnose() if f.kind in ("stalled", "unstable")]
+
+
+def test_a_too_large_step_is_unstable():
+    monitor = HealthMonitor(every_n_steps=1, verbose=False, dead_window=3)
+    _fit(AdamPatient(lrs={"net.2": 1.0}), monitor, steps=6)
+    assert "net.2" in {f.layer for f in monitor.diagnose() if f.kind == "unstable"}
+
+
+# -- the depth profile ---------------------------------------------------------------------------------------
+class DeepSigmoid(PatientMLP):
+    """Eight sigmoid layers at a small init: the gradient shrinks several-fold per layer towards the input."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        layers = []
+        for i in range(8):
+            linear = nn.Linear(8 if i == 0 else 16, 16)
+            with torch.no_grad():
+                linear.weight.copy_(torch.randn(16, linear.in_features, generator=g) * 0.1)
+            layers += [linear, nn.Sigmoid()]
+        self.net = nn.Sequential(*layers, nn.Linear(16, 4))
+
+
+def test_the_depth_profile_is_logged_and_names_where_the_gradient_vanishes(tmp_path, tb_scalars):
+    monitor = HealthMonitor(every_n_steps=2, verbose=False, heatmap_every_n_samples=2)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    _fit(DeepSigmoid(), monitor, steps=6, loggers=[logger])
+    scalars = tb_scalars(logger.log_dir)
+    grad = {name: dict(pts) for name, pts in monitor.curves("grad_norm").items()}
+    gains = monitor.curves("grad_gain")
+    assert set(gains) == {f"net.{2 * i + 1}" for i in range(1, 8)}
+    for i in range(1, 8):
+        later, earlier = f"net.{2 * i + 1}", f"net.{2 * i - 1}"
+        for step, gain in gains[later]:
+            assert gain == pytest.approx(grad[earlier][step] / grad[later][step], rel=1e-9)
+        assert [s for s, _ in scalars[f"health/grad_gain/{later}"]] == [0, 2, 4]
+    flow = [f for f in monitor.diagnose() if f.kind == "gradient_flow"]
+    assert flow and all(f.value < 0.1 for f in flow)
+    for f in flow:  # the stretch is named by both ends
+        assert "shrinks" in f.message and f.message.endswith(f"from {f.layer} to net.{int(f.layer[4:]) - 2}")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logger.log_dir), size_guidance={"images": 0})
+    acc.Reload()
+    images = acc.Images("health/depth_profile")
+    assert images and images[-1].width > 100
+
+
+def test_thresholds_for_the_new_rules_are_validated():
+    with pytest.raises(ValueError, match="flow_gain"):
+        Thresholds(flow_gain=0.5)
+    with pytest.raises(ValueError, match="unstable_update_ratio"):
+        Thresholds(unstable_update_ratio=0)
+    with pytest.raises((TypeError, ValueError), match="update_ratio_max_bytes"):
+        HealthMonitor(update_ratio_max_bytes=-1)
