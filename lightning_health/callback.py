@@ -22,9 +22,10 @@ from typing import Any, Literal
 import torch
 from typing_extensions import override
 
+from lightning_health import resume
 from lightning_health import settings as check
 from lightning_health._compat import CallbackBase, amp_found_inf, grad_scale_tensor, rank_zero
-from lightning_health.capture.hooks import Capture, Mode
+from lightning_health.capture.hooks import Capture, Mode, StepBuffers
 from lightning_health.capture.selection import LayerSpec, MonitoredLayer, select_layers, validate_layer_spec
 from lightning_health.diagnosis import Finding, FindingLog, Thresholds, evaluate
 from lightning_health.pipeline.accumulate import Accumulator, LayerReading, ParamGradNorms, layer_param_groups
@@ -103,6 +104,9 @@ class HealthMonitor(CallbackBase):
         rescue_init: ``"auto"`` (He for rectifiers, Glorot for tanh/sigmoid), ``"kaiming"`` or ``"xavier"``.
         leaky_slope: the LeakyReLU negative slope for ``rescue="leaky"``.
         rescue_seed: seeds the recycled weights (``rescue_seed + step``), identical on every rank.
+        name: names this monitor in checkpoints (its ``state_key``), so two monitors with the same
+            ``layers`` can coexist and a resume finds each one's state; ``None`` keys it by ``layers``
+            (see :mod:`lightning_health.resume`).
 
     Raises:
         TypeError, ValueError: for bad arguments, naming the argument.
@@ -140,7 +144,9 @@ class HealthMonitor(CallbackBase):
         rescue_init: RescueInit = "auto",
         leaky_slope: float = 0.01,
         rescue_seed: int = 0,
+        name: str | None = None,
     ) -> None:
+        self.name = check.optional_name("name", name)
         self.every_n_steps = validate_every_n_steps(every_n_steps)
         validate_layer_spec(layers)
         self.layers = layers
@@ -191,6 +197,9 @@ class HealthMonitor(CallbackBase):
         self._idle_seconds = math.nan
         self._host_edges: dict[str, tuple[float, ...]] = {}
         self._samples_published = 0
+        self._train_buffers: list[StepBuffers] | None = None  # a training step's buffers during validation
+        self._norms_read: tuple[bool, ...] = ()  # param groups whose gradient norm this step already read
+        self._norm_masks: dict[Any, torch.Tensor] = {}  # (groups to take, device) -> bool mask, made once
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -202,6 +211,8 @@ class HealthMonitor(CallbackBase):
             "_param_norm_reader",
             "_param_norms",
             "_host_edges",
+            "_train_buffers",
+            "_norm_masks",
         ):
             state.pop(key, None)
         return state
@@ -213,7 +224,26 @@ class HealthMonitor(CallbackBase):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, layers=repr(self.layers))
+        return resume.state_key(self.name, self.layers)
+
+    @override
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Adopt a state saved under another key (an older version's, or a renamed monitor), with a note."""
+        states = checkpoint.get("callbacks") or {}
+        others = [cb.state_key for cb in getattr(trainer, "callbacks", []) if cb is not self]
+        key, candidates = resume.old_state(states, self.state_key, others)
+        if key is not None:
+            states[self.state_key] = states[key]  # Lightning then passes it to load_state_dict
+            message = f"HealthMonitor: resuming the monitor state saved under {key!r} (now {self.state_key!r})"
+        elif candidates:
+            message = (
+                f"HealthMonitor: no state under {self.state_key!r} and several monitor states in the checkpoint "
+                f"({candidates}); starting afresh. Pass the same `name=` as the saved monitor to resume it"
+            )
+        else:
+            return
+        if rank_zero(trainer):
+            warnings.warn(message, UserWarning, stacklevel=2)
 
     # -- public API ------------------------------------------------------------------------------
     @property
@@ -336,6 +366,16 @@ class HealthMonitor(CallbackBase):
 
     @override
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._release()
+
+    @override
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        # Lightning calls only this hook when a fit ends in an exception (or Ctrl+C), never `teardown`:
+        # release everything here too, so the next fit re-attaches and writes to its own loggers.
+        self._release()
+
+    def _release(self) -> None:
+        """Remove hooks, close the sinks and drop the runtime (safe twice); keep history and windows."""
         self._stop_capture()
         self._rescuer.unbind()
         if self._capture is not None and self._accumulator is not None:
@@ -349,10 +389,7 @@ class HealthMonitor(CallbackBase):
         self._sinks = SinkSet([])
         self._param_groups = []
         self._param_norms = None
-
-    @override
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._stop_capture()
+        self._train_buffers = None
 
     # -- training --------------------------------------------------------------------------------------
     @override
@@ -395,8 +432,28 @@ class HealthMonitor(CallbackBase):
             return
         self._amp_overflow = amp_found_inf(trainer, optimizer)
         if self._param_groups:
-            device = self._param_groups[0][1][0].device
-            self._param_norms = self._param_norm_reader(device)
+            self._read_param_norms(optimizer)
+
+    def _read_param_norms(self, optimizer: Any) -> None:
+        """Each module's parameter-gradient norm, read before the first step of an optimizer that owns it.
+
+        With several optimizers in one step (manual optimization, GAN-style), a later backward adds to
+        the gradients of modules an earlier optimizer already stepped: those must keep their first reading.
+        """
+        ids = {id(p) for group in getattr(optimizer, "param_groups", []) for p in group["params"]}
+        owned = tuple(not ids or any(id(p) in ids for p in params) for _name, params in self._param_groups)
+        device = self._param_groups[0][1][0].device
+        if self._param_norms is None:
+            self._param_norms, self._norms_read = self._param_norm_reader(device), owned
+            return
+        take = tuple(o and not r for o, r in zip(owned, self._norms_read))
+        if not any(take):
+            return
+        mask = self._norm_masks.get((take, device))
+        if mask is None:
+            mask = self._norm_masks[(take, device)] = torch.tensor(take, dtype=torch.bool, device=device)
+        self._param_norms = torch.where(mask, self._param_norm_reader(device), self._param_norms)
+        self._norms_read = tuple(r or t for r, t in zip(self._norms_read, take))
 
     @override
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -429,7 +486,7 @@ class HealthMonitor(CallbackBase):
             )
         finally:
             capture.reset()
-            self._param_norms = None
+            self._param_norms, self._norms_read = None, ()
         overflow = has_overflow and extra_host[-1] > 0
         norms = extra_host[: len(self._param_groups)] if has_norms else []
         self._amp_overflow = None
@@ -523,8 +580,12 @@ class HealthMonitor(CallbackBase):
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if self._capture is None or getattr(trainer, "sanity_checking", False):
             return
-        self._capture.reset()
-        self._capture.mode = Mode.VAL
+        capture = self._capture
+        if capture.mode is Mode.TRAIN:  # validation inside an optimizer step (val_check_interval with accumulation)
+            self._train_buffers = capture.buffers  # the step's readings so far: kept aside, restored after
+            capture.buffers = [StepBuffers() for _ in capture.layers]
+        capture.reset()
+        capture.mode = Mode.VAL
 
     @override
     def on_validation_batch_start(
@@ -543,6 +604,9 @@ class HealthMonitor(CallbackBase):
             results = accumulator.finish_validation()
         finally:
             capture.reset()
+            if self._train_buffers is not None:  # back to the interrupted training step
+                capture.buffers, self._train_buffers = self._train_buffers, None
+                capture.mode = Mode.TRAIN
         step = trainer.global_step
         scalars: dict[str, float] = {}
         snapshot: dict[str, dict[str, float]] = {}
@@ -585,8 +649,9 @@ class HealthMonitor(CallbackBase):
     def settings(self) -> dict[str, Any]:
         """The monitor's settings as plain values (what goes into a W&B run's config)."""
         return {
+            "name": self.name,
             "every_n_steps": self.every_n_steps,
-            "layers_spec": repr(self.layers),
+            "layers_spec": resume.stable_layers_repr(self.layers),
             "dead_window": self.dead_window,
             "histogram_bins": self.histogram_bins,
             "histogram_samples": self.histogram_samples,
@@ -636,6 +701,7 @@ class HealthMonitor(CallbackBase):
             "last_units": {k: list(v) for k, v in self._last_units.items()},
             "layers": list(self._layer_names),
             "schedule": self._schedule.state_dict(),
+            "every_n_steps": self.every_n_steps,
             "rescues": self._rescuer.state_dict(),
             "accumulator": (
                 self._accumulator.state_dict()
@@ -650,7 +716,17 @@ class HealthMonitor(CallbackBase):
         self._findings.load_state_dict(state_dict.get("findings", []))
         self._last_units = {k: (v[0], v[1]) for k, v in state_dict.get("last_units", {}).items()}
         self._layer_names = self._layer_names or list(state_dict.get("layers", []))
-        self._schedule.load_state_dict(state_dict.get("schedule", {}))
+        saved_every = state_dict.get("every_n_steps", self.every_n_steps)
+        schedule = dict(state_dict.get("schedule", {}))
+        if saved_every != self.every_n_steps:  # a changed cadence: history carries over, the new cadence rules
+            warnings.warn(
+                f"HealthMonitor: resuming a run sampled every {saved_every} steps with every_n_steps="
+                f"{self.every_n_steps}; its history carries over and sampling continues at the new cadence",
+                UserWarning,
+                stacklevel=2,
+            )
+            schedule = {"burst_until": schedule.get("burst_until", -1)}
+        self._schedule.load_state_dict(schedule)
         self._rescuer.load_state_dict(state_dict.get("rescues", {}))  # replays `leaky` swaps when set up
         accumulator_state = state_dict.get("accumulator", {})
         if self._accumulator is not None:
