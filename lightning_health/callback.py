@@ -16,7 +16,7 @@ import math
 import re
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -26,7 +26,13 @@ from lightning_health import resume
 from lightning_health import settings as check
 from lightning_health._compat import CallbackBase, amp_found_inf, grad_scale_tensor, rank_zero
 from lightning_health.capture.hooks import Capture, Mode, StepBuffers
-from lightning_health.capture.selection import LayerSpec, MonitoredLayer, select_layers, validate_layer_spec
+from lightning_health.capture.selection import (
+    LayerSpec,
+    MonitoredLayer,
+    check_names_exist,
+    select_layers,
+    validate_layer_spec,
+)
 from lightning_health.diagnosis import Finding, FindingLog, Thresholds, evaluate
 from lightning_health.pipeline.accumulate import Accumulator, LayerReading, ParamGradNorms, layer_param_groups
 from lightning_health.pipeline.history import History
@@ -304,6 +310,10 @@ class HealthMonitor(CallbackBase):
         if self._capture is not None:
             return
         self._rescuer.replay(pl_module)  # resumed after `leaky` swaps: the fresh model has ReLU there
+        if not isinstance(self.layers, (str, type, tuple)) and isinstance(self.layers, Iterable):
+            check_names_exist("layers", self.layers, pl_module)
+        if isinstance(self.neuron_dim, dict):
+            check_names_exist("neuron_dim", self.neuron_dim, pl_module)
         chosen = select_layers(pl_module, self.layers, self.neuron_dim)
         if not chosen:
             warnings.warn(

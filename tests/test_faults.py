@@ -288,3 +288,57 @@ def test_two_optimizers_each_read_the_gradient_they_step_on():
         assert d_norm == pytest.approx(ref["d.0"], rel=1e-5)  # read before G's backward added to D's gradients
         assert g_norm == pytest.approx(ref["g.0"], rel=1e-5)
         assert d_grad == pytest.approx(ref["d.1"], rel=1e-5)  # the first backward reaching d.1: D's loss only
+
+
+# -- 9. user errors: one line, naming the argument; a monitor setting never stops training ------------------
+def _setup_error(**kwargs: Any) -> str:
+    trainer = pl.Trainer(callbacks=[HealthMonitor(verbose=False, **kwargs)], **trainer_kwargs(max_steps=1))
+    with pytest.raises(ValueError) as info:
+        trainer.fit(PatientMLP(), patient_loaders()[0])
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_layer_typos_bad_neuron_dim_keys_and_a_raising_predicate_are_one_line_errors():
+    assert "`layers` names modules the model does not have: 'net.11' (did you mean 'net.1'?)" in _setup_error(
+        layers=["net.1", "net.11"]
+    )
+    assert "`neuron_dim` names modules the model does not have: 'nett.1'" in _setup_error(neuron_dim={"nett.1": 1})
+
+    def raises(name: str, module: nn.Module) -> bool:
+        return module.weight is not None  # AttributeError on a ReLU
+
+    assert "`layers` predicate raised on module 'net'" in _setup_error(layers=raises)
+
+
+@pytest.mark.parametrize("argument", ["log_histograms", "verbose", "dashboard", "compile_reductions"])
+@pytest.mark.parametrize("value", ["no", 0, 1, None])
+def test_booleans_accept_only_bools(argument, value):
+    with pytest.raises(TypeError, match=f"Expected `{argument}` to be True or False"):
+        HealthMonitor(**{argument: value})
+
+
+def test_a_writer_path_that_cannot_be_created_warns_and_training_goes_on(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monitor = HealthMonitor(every_n_steps=1, writer=blocker / "runs", verbose=False)
+    with pytest.warns(RuntimeWarning, match=r"HealthMonitor\(writer=.*cannot open a SummaryWriter there"):
+        trainer = pl.Trainer(callbacks=[monitor], **trainer_kwargs(max_steps=2))
+        trainer.fit(PatientMLP(), patient_loaders()[0])
+    assert trainer.global_step == 2 and [s for s, _ in monitor.curves("act_std")["net.1"]] == [0, 1]
+
+
+# -- 10. the CLI starts without importing Lightning -----------------------------------------------------------
+def test_the_cli_imports_neither_lightning_nor_the_callback():
+    code = (
+        "import sys, lightning_health.cli; print(sorted(m for m in sys.modules "
+        "if m.split('.')[0] in ('lightning', 'pytorch_lightning') or m == 'lightning_health.callback'))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    from lightning_health import HealthMonitor as Lazy  # the public names still resolve (lazily)
+
+    assert Lazy is HealthMonitor
