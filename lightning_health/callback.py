@@ -75,7 +75,9 @@ class HealthMonitor(CallbackBase):
         neuron_dim: override the unit axis (an int for every layer, or ``{layer: dim}``).
         saturation_margin: outputs within this fraction of the output range from a bound count
             as saturated.
-        max_points: points kept per curve before the older half is thinned (bounded memory).
+        max_points: points kept per curve: when full, every other point goes and the spacing doubles,
+            so the whole run stays evenly kept; the run's total is capped at ~1,000,000 points (per-curve
+            caps shrink for deep nets; see :mod:`lightning_health.pipeline.history`).
         max_overhead: a budget, as a fraction of training time (e.g. ``0.01``): the monitor times
             its sampled steps against plain ones and widens or narrows the sampling interval to
             stay inside it, starting from ``every_n_steps``. ``None`` keeps the fixed cadence.
