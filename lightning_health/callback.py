@@ -16,16 +16,23 @@ import math
 import re
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import torch
 from typing_extensions import override
 
+from lightning_health import resume
 from lightning_health import settings as check
 from lightning_health._compat import CallbackBase, amp_found_inf, grad_scale_tensor, rank_zero
-from lightning_health.capture.hooks import Capture, Mode
-from lightning_health.capture.selection import LayerSpec, MonitoredLayer, select_layers, validate_layer_spec
+from lightning_health.capture.hooks import Capture, Mode, StepBuffers
+from lightning_health.capture.selection import (
+    LayerSpec,
+    MonitoredLayer,
+    check_names_exist,
+    select_layers,
+    validate_layer_spec,
+)
 from lightning_health.capture.sharding import bind_to_strategy, is_model_parallel
 from lightning_health.diagnosis import Finding, FindingLog, Thresholds, evaluate
 from lightning_health.pipeline.accumulate import Accumulator, LayerReading, ParamGradNorms, layer_param_groups
@@ -72,7 +79,9 @@ class HealthMonitor(CallbackBase):
             is below 20% of its peak, on a shoulder (probed at setup, see docs/readings.md). A
             fraction keeps the older rule: outputs within that fraction of the output range from a
             shoulder's limit, for activations with a finite range.
-        max_points: points kept per curve before the older half is thinned (bounded memory).
+        max_points: points kept per curve: when full, every other point goes and the spacing doubles,
+            so the whole run stays evenly kept; the run's total is capped at ~1,000,000 points (per-curve
+            caps shrink for deep nets; see :mod:`lightning_health.pipeline.history`).
         max_overhead: a budget, as a fraction of training time (e.g. ``0.01``): the monitor times
             its sampled steps against plain ones and widens or narrows the sampling interval to
             stay inside it, starting from ``every_n_steps``. ``None`` keeps the fixed cadence.
@@ -111,6 +120,9 @@ class HealthMonitor(CallbackBase):
             optimizer step (exact for any optimizer); this bounds that copy. Modules that do not fit
             together are read in rotation across sampled steps. ``None``: no bound; ``0``: no
             update ratio (``param_norm`` is read either way). See docs/readings.md.
+        name: names this monitor in checkpoints (its ``state_key``), so two monitors with the same
+            ``layers`` can coexist and a resume finds each one's state; ``None`` keys it by ``layers``
+            (see :mod:`lightning_health.resume`).
 
     Raises:
         TypeError, ValueError: for bad arguments, naming the argument.
@@ -149,7 +161,9 @@ class HealthMonitor(CallbackBase):
         leaky_slope: float = 0.01,
         rescue_seed: int = 0,
         update_ratio_max_bytes: int | None = 2**29,
+        name: str | None = None,
     ) -> None:
+        self.name = check.optional_name("name", name)
         self.every_n_steps = validate_every_n_steps(every_n_steps)
         validate_layer_spec(layers)
         self.layers = layers
@@ -204,6 +218,9 @@ class HealthMonitor(CallbackBase):
         self._idle_seconds = math.nan
         self._host_edges: dict[str, tuple[float, ...]] = {}
         self._samples_published = 0
+        self._train_buffers: list[StepBuffers] | None = None  # a training step's buffers during validation
+        self._norms_read: tuple[bool, ...] = ()  # param groups whose gradient norm this step already read
+        self._norm_masks: dict[Any, torch.Tensor] = {}  # (groups to take, device) -> bool mask, made once
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -216,6 +233,8 @@ class HealthMonitor(CallbackBase):
             "_updates",
             "_param_norms",
             "_host_edges",
+            "_train_buffers",
+            "_norm_masks",
         ):
             state.pop(key, None)
         return state
@@ -227,7 +246,26 @@ class HealthMonitor(CallbackBase):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, layers=repr(self.layers))
+        return resume.state_key(self.name, self.layers)
+
+    @override
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Adopt a state saved under another key (an older version's, or a renamed monitor), with a note."""
+        states = checkpoint.get("callbacks") or {}
+        others = [cb.state_key for cb in getattr(trainer, "callbacks", []) if cb is not self]
+        key, candidates = resume.old_state(states, self.state_key, others)
+        if key is not None:
+            states[self.state_key] = states[key]  # Lightning then passes it to load_state_dict
+            message = f"HealthMonitor: resuming the monitor state saved under {key!r} (now {self.state_key!r})"
+        elif candidates:
+            message = (
+                f"HealthMonitor: no state under {self.state_key!r} and several monitor states in the checkpoint "
+                f"({candidates}); starting afresh. Pass the same `name=` as the saved monitor to resume it"
+            )
+        else:
+            return
+        if rank_zero(trainer):
+            warnings.warn(message, UserWarning, stacklevel=2)
 
     # -- public API ------------------------------------------------------------------------------
     @property
@@ -289,6 +327,10 @@ class HealthMonitor(CallbackBase):
         if self._capture is not None:
             return
         self._rescuer.replay(pl_module)  # resumed after `leaky` swaps: the fresh model has ReLU there
+        if not isinstance(self.layers, (str, type, tuple)) and isinstance(self.layers, Iterable):
+            check_names_exist("layers", self.layers, pl_module)
+        if isinstance(self.neuron_dim, dict):
+            check_names_exist("neuron_dim", self.neuron_dim, pl_module)
         chosen = select_layers(pl_module, self.layers, self.neuron_dim)
         if not chosen:
             warnings.warn(
@@ -371,6 +413,16 @@ class HealthMonitor(CallbackBase):
 
     @override
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._release()
+
+    @override
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        # Lightning calls only this hook when a fit ends in an exception (or Ctrl+C), never `teardown`:
+        # release everything here too, so the next fit re-attaches and writes to its own loggers.
+        self._release()
+
+    def _release(self) -> None:
+        """Remove hooks, close the sinks and drop the runtime (safe twice); keep history and windows."""
         self._stop_capture()
         self._rescuer.unbind()
         if self._capture is not None and self._accumulator is not None:
@@ -384,10 +436,7 @@ class HealthMonitor(CallbackBase):
         self._sinks = SinkSet([])
         self._param_groups = []
         self._param_norms = None
-
-    @override
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._stop_capture()
+        self._train_buffers = None
 
     # -- training --------------------------------------------------------------------------------------
     @override
@@ -430,9 +479,29 @@ class HealthMonitor(CallbackBase):
             return
         self._amp_overflow = amp_found_inf(trainer, optimizer)
         if self._param_groups:
-            device = self._param_groups[0][1][0].device
-            self._param_norms = self._param_norm_reader(device)
+            self._read_param_norms(optimizer)
             self._updates.before_step()  # weights before the update: clipping touches only gradients
+
+    def _read_param_norms(self, optimizer: Any) -> None:
+        """Each module's parameter-gradient norm, read before the first step of an optimizer that owns it.
+
+        With several optimizers in one step (manual optimization, GAN-style), a later backward adds to
+        the gradients of modules an earlier optimizer already stepped: those must keep their first reading.
+        """
+        ids = {id(p) for group in getattr(optimizer, "param_groups", []) for p in group["params"]}
+        owned = tuple(not ids or any(id(p) in ids for p in params) for _name, params in self._param_groups)
+        device = self._param_groups[0][1][0].device
+        if self._param_norms is None:
+            self._param_norms, self._norms_read = self._param_norm_reader(device), owned
+            return
+        take = tuple(o and not r for o, r in zip(owned, self._norms_read))
+        if not any(take):
+            return
+        mask = self._norm_masks.get((take, device))
+        if mask is None:
+            mask = self._norm_masks[(take, device)] = torch.tensor(take, dtype=torch.bool, device=device)
+        self._param_norms = torch.where(mask, self._param_norm_reader(device), self._param_norms)
+        self._norms_read = tuple(r or t for r, t in zip(self._norms_read, take))
 
     @override
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -466,7 +535,7 @@ class HealthMonitor(CallbackBase):
             )
         finally:
             capture.reset()
-            self._param_norms = None
+            self._param_norms, self._norms_read = None, ()
         overflow = has_overflow and extra_host[-1] > 0
         norms = extra_host[: len(self._param_groups)] if has_norms else []
         learning_host = extra_host[len(norms) : len(norms) + (0 if learning is None else learning.numel())]
@@ -591,8 +660,12 @@ class HealthMonitor(CallbackBase):
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if self._capture is None or getattr(trainer, "sanity_checking", False):
             return
-        self._capture.reset()
-        self._capture.mode = Mode.VAL
+        capture = self._capture
+        if capture.mode is Mode.TRAIN:  # validation inside an optimizer step (val_check_interval with accumulation)
+            self._train_buffers = capture.buffers  # the step's readings so far: kept aside, restored after
+            capture.buffers = [StepBuffers() for _ in capture.layers]
+        capture.reset()
+        capture.mode = Mode.VAL
 
     @override
     def on_validation_batch_start(
@@ -611,6 +684,9 @@ class HealthMonitor(CallbackBase):
             results = accumulator.finish_validation()
         finally:
             capture.reset()
+            if self._train_buffers is not None:  # back to the interrupted training step
+                capture.buffers, self._train_buffers = self._train_buffers, None
+                capture.mode = Mode.TRAIN
         step = trainer.global_step
         scalars: dict[str, float] = {}
         snapshot: dict[str, dict[str, float]] = {}
@@ -655,8 +731,9 @@ class HealthMonitor(CallbackBase):
     def settings(self) -> dict[str, Any]:
         """The monitor's settings as plain values (what goes into a W&B run's config)."""
         return {
+            "name": self.name,
             "every_n_steps": self.every_n_steps,
-            "layers_spec": repr(self.layers),
+            "layers_spec": resume.stable_layers_repr(self.layers),
             "dead_window": self.dead_window,
             "histogram_bins": self.histogram_bins,
             "histogram_samples": self.histogram_samples,
@@ -716,6 +793,7 @@ class HealthMonitor(CallbackBase):
             "last_units": {k: list(v) for k, v in self._last_units.items()},
             "layers": list(self._layer_names),
             "schedule": self._schedule.state_dict(),
+            "every_n_steps": self.every_n_steps,
             "rescues": self._rescuer.state_dict(),
             "update_window": self._update_window.state_dict(),
             "accumulator": (
@@ -731,7 +809,17 @@ class HealthMonitor(CallbackBase):
         self._findings.load_state_dict(state_dict.get("findings", []))
         self._last_units = {k: (v[0], v[1]) for k, v in state_dict.get("last_units", {}).items()}
         self._layer_names = self._layer_names or list(state_dict.get("layers", []))
-        self._schedule.load_state_dict(state_dict.get("schedule", {}))
+        saved_every = state_dict.get("every_n_steps", self.every_n_steps)
+        schedule = dict(state_dict.get("schedule", {}))
+        if saved_every != self.every_n_steps:  # a changed cadence: history carries over, the new cadence rules
+            warnings.warn(
+                f"HealthMonitor: resuming a run sampled every {saved_every} steps with every_n_steps="
+                f"{self.every_n_steps}; its history carries over and sampling continues at the new cadence",
+                UserWarning,
+                stacklevel=2,
+            )
+            schedule = {"burst_until": schedule.get("burst_until", -1)}
+        self._schedule.load_state_dict(schedule)
         self._rescuer.load_state_dict(state_dict.get("rescues", {}))  # replays `leaky` swaps when set up
         self._update_window.load_state_dict(state_dict.get("update_window", {}))
         accumulator_state = state_dict.get("accumulator", {})

@@ -71,3 +71,10 @@ def writer(value: object) -> object:
     if value is not None and not isinstance(value, (str, os.PathLike)) and not hasattr(value, "add_scalar"):
         raise TypeError(f"Expected `writer` to be a SummaryWriter or a log directory, got {value!r}")
     return value
+
+
+def optional_name(name: str, value: object) -> str | None:
+    """``None`` or a non-empty string (a monitor's name in checkpoints)."""
+    if value is not None and (not isinstance(value, str) or not value):
+        raise TypeError(f"Expected `{name}` to be None or a non-empty string, got {value!r}")
+    return value

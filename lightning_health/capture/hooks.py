@@ -59,8 +59,10 @@ class StepBuffers:
     calls: int = 0  # forward calls in the current micro-batch (the slot of the next call)
     abs_sums: dict[int, Tensor] = dataclasses.field(default_factory=dict)  # slot -> float64[units] (dormancy)
     abs_counts: dict[int, int] = dataclasses.field(default_factory=dict)  # slot -> values per unit summed
+    grad_task: int | None = None  # the autograd pass whose gradient this micro-batch reads (the first)
 
     def clear(self) -> None:
+        self.grad_task = None
         self.act = self.grad = self.act_hist = self.grad_hist = None
         self.fired = {}
         self.calls = 0
@@ -248,6 +250,7 @@ class Capture:
         """Restart call-slot numbering: the k-th call of a module in each batch shares slot k."""
         for buf in self.buffers:
             buf.calls = 0
+            buf.grad_task = None
 
     # -- hooks ------------------------------------------------------------------------------------
     def _make_hook(self, index: int) -> Any:
@@ -358,6 +361,13 @@ class Capture:
 
     def _on_grad(self, index: int, grad: Tensor) -> None:
         buf = self.buffers[index]
+        # Per micro-batch, only the first backward pass that reaches a layer is read: with several
+        # optimizers in one manual step, a later loss's backward is not this layer's gradient.
+        task = torch._C._current_graph_task_id()
+        if buf.grad_task is None:
+            buf.grad_task = task
+        elif task != buf.grad_task:
+            return
         g = dense_values(local_tensor(grad.detach()))
         if self.grad_scale is not None:
             g = g.float() / self.grad_scale.to(g.device)

@@ -140,7 +140,18 @@ def _matcher(layers: LayerSpec) -> Callable[[str, nn.Module], bool]:
         pattern = re.compile(layers)
         return lambda name, _m: bool(pattern.search(name))
     if callable(layers):
-        return layers  # type: ignore[return-value]
+        predicate = layers
+
+        def guarded(name: str, module: nn.Module) -> bool:
+            try:
+                return bool(predicate(name, module))  # type: ignore[call-arg]
+            except Exception as err:
+                raise ValueError(
+                    f"The `layers` predicate raised on module {name!r} ({type(module).__name__}): "
+                    f"{type(err).__name__}: {err}"
+                ) from err
+
+        return guarded
     if isinstance(layers, Iterable):
         names = set(layers)
         return lambda name, _m: name in names
@@ -161,6 +172,21 @@ def validate_layer_spec(layers: LayerSpec) -> None:
             raise ValueError(f"Expected `layers` to be a valid regular expression, got {layers!r}: {err}") from err
         return
     _matcher(layers)
+
+
+def check_names_exist(argument: str, names: Iterable[str], model: nn.Module) -> None:
+    """Raise one line naming ``argument`` when ``names`` holds module names ``model`` lacks (typos)."""
+    import difflib
+
+    known = [n for n, _ in model.named_modules() if n]
+    unknown = sorted(set(names) - set(known))
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise ValueError(f"`{argument}` names modules the model does not have: {', '.join(hints)}")
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,15 @@ def sinks_for(loggers: Sequence[Any], writer: Any = None) -> list[Sink]:
         else:
             out.append(ScalarSink(logger))
     if writer is not None:
-        out.append(writer_sink(writer))
+        try:
+            out.append(writer_sink(writer))
+        except OSError as err:  # a monitor setting never stops training
+            warnings.warn(
+                f"HealthMonitor(writer={writer!r}): cannot open a SummaryWriter there ({err}); "
+                "no TensorBoard output through `writer` this run, training continues",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return out
 
 

@@ -39,17 +39,43 @@ def _wandb() -> Any:
     return wandb
 
 
+MAX_BINS = 512  # wandb.Histogram.MAX_LENGTH: a longer histogram raises
+
+
+def rebin(edges: Sequence[float], counts: Sequence[float], max_bins: int = MAX_BINS) -> tuple[list[float], list[float]]:
+    """Merge adjacent bins (summing their counts) until at most ``max_bins`` remain; no count is lost.
+
+    ``edges`` has one more value than ``counts``. Groups of ``k = ceil(len(counts) / max_bins)`` bins
+    merge, the first and last bins (the open ends) kept apart so out-of-range counts stay visible.
+    """
+    n = len(counts)
+    if n <= max_bins:
+        return list(edges), list(counts)
+    inner = n - 2
+    k = -(-inner // (max_bins - 2))
+    new_edges, new_counts = [edges[0], edges[1]], [counts[0]]
+    for start in range(1, n - 1, k):
+        stop = min(start + k, n - 1)
+        new_counts.append(sum(counts[start:stop]))
+        new_edges.append(edges[stop])
+    new_counts.append(counts[-1])
+    new_edges.append(edges[-1])
+    return new_edges, new_counts
+
+
 def wandb_histogram(hist: Histogram) -> Any:
     """A ``wandb.Histogram`` from device-binned counts: the ``B`` bins plus one open-end bin each side.
 
-    The nonfinite count is left out (it is the ``nonfinite`` scalar).
+    The nonfinite count is left out (it is the ``nonfinite`` scalar). W&B takes at most 512 bins:
+    with more (``histogram_bins >= 511``) adjacent bins are summed (:func:`rebin`), so the sink keeps
+    working whatever ``histogram_bins`` the other loggers get.
     """
     import numpy as np
 
     edges = list(hist.edges)
     edges = [edges[0] - (edges[1] - edges[0]), *edges, edges[-1] + (edges[-1] - edges[-2])]
-    counts = np.asarray(hist.counts[:-1], dtype=np.float64)
-    return _wandb().Histogram(np_histogram=(counts, np.asarray(edges, dtype=np.float64)))
+    edges, counts = rebin(edges, list(hist.counts[:-1]))
+    return _wandb().Histogram(np_histogram=(np.asarray(counts, dtype=np.float64), np.asarray(edges, dtype=np.float64)))
 
 
 class WandbSink(SinkBase):
