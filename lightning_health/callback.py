@@ -24,9 +24,12 @@ from typing_extensions import override
 
 from lightning_health import settings as check
 from lightning_health._compat import CallbackBase, amp_found_inf, grad_scale_tensor, rank_zero
+from lightning_health.capture.attention import AttentionSpec, validate_attention_spec
 from lightning_health.capture.hooks import Capture, Mode
 from lightning_health.capture.selection import LayerSpec, MonitoredLayer, select_layers, validate_layer_spec
+from lightning_health.capture.transformer import TransformerCapture
 from lightning_health.diagnosis import Finding, FindingLog, Thresholds, evaluate
+from lightning_health.pipeline import transformer_step
 from lightning_health.pipeline.accumulate import Accumulator, LayerReading, ParamGradNorms, layer_param_groups
 from lightning_health.pipeline.history import History
 from lightning_health.pipeline.schedule import SamplingSchedule, validate_every_n_steps
@@ -103,6 +106,9 @@ class HealthMonitor(CallbackBase):
         rescue_init: ``"auto"`` (He for rectifiers, Glorot for tanh/sigmoid), ``"kaiming"`` or ``"xavier"``.
         leaky_slope: the LeakyReLU negative slope for ``rescue="leaky"``.
         rescue_seed: seeds the recycled weights (``rescue_seed + step``), identical on every rank.
+        attention: read attention entropy / logit maxima of the attention modules and massive
+            activations of the residual blocks it recognises (``True``, default), nothing (``False``),
+            or also the modules named by ``{name or regex: AttentionSpec(...)}`` (see docs/readings.md).
 
     Raises:
         TypeError, ValueError: for bad arguments, naming the argument.
@@ -140,6 +146,7 @@ class HealthMonitor(CallbackBase):
         rescue_init: RescueInit = "auto",
         leaky_slope: float = 0.01,
         rescue_seed: int = 0,
+        attention: bool | Mapping[str, AttentionSpec] = True,
     ) -> None:
         self.every_n_steps = validate_every_n_steps(every_n_steps)
         validate_layer_spec(layers)
@@ -172,6 +179,7 @@ class HealthMonitor(CallbackBase):
         )
         self._rescuer = Rescuer(self.rescue_settings)
         self._last_fired_host: dict[str, list[int]] = {}
+        self.attention = validate_attention_spec(attention)
         self._reset_runtime()
 
     # -- runtime state (rebuilt in setup; never pickled with the callback) ----------------------------
@@ -191,6 +199,7 @@ class HealthMonitor(CallbackBase):
         self._idle_seconds = math.nan
         self._host_edges: dict[str, tuple[float, ...]] = {}
         self._samples_published = 0
+        self._transformer: TransformerCapture | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -202,6 +211,7 @@ class HealthMonitor(CallbackBase):
             "_param_norm_reader",
             "_param_norms",
             "_host_edges",
+            "_transformer",
         ):
             state.pop(key, None)
         return state
@@ -308,6 +318,11 @@ class HealthMonitor(CallbackBase):
             self._sinks = SinkSet(sinks_for(getattr(trainer, "loggers", []), writer=self.writer))
             self._sinks.start(self.settings(), [layer.name for layer in chosen])
         self._capture.attach()
+        if self.attention:
+            specs = self.attention if isinstance(self.attention, dict) else None
+            self._transformer = TransformerCapture(pl_module, specs) or None
+            if self._transformer is not None:
+                self._transformer.attach()
         refused = self._rescuer.bind(pl_module, self._capture, self._accumulator)
         if refused and rank_zero(trainer):
             warn_refused(refused, str(self.rescue_settings.rescue))
@@ -329,6 +344,8 @@ class HealthMonitor(CallbackBase):
         return edges
 
     def _stop_capture(self) -> None:
+        if self._transformer is not None:
+            self._transformer.detach()
         if self._capture is not None:
             self._capture.detach()
             self._capture.reset()
@@ -345,6 +362,7 @@ class HealthMonitor(CallbackBase):
             self._pending_state = {"accumulator": self._accumulator.state_dict()}
         self._capture = None
         self._accumulator = None
+        self._transformer = None
         self._sinks.close()
         self._sinks = SinkSet([])
         self._param_groups = []
@@ -368,6 +386,9 @@ class HealthMonitor(CallbackBase):
             capture.reset()
             capture.grad_scale = grad_scale_tensor(trainer)
             capture.mode = Mode.TRAIN
+            if self._transformer is not None:
+                self._transformer.reset()
+                self._transformer.armed = True
         if self._armed_step is not None:
             capture.new_batch()
 
@@ -413,6 +434,8 @@ class HealthMonitor(CallbackBase):
         assert capture is not None and accumulator is not None and step is not None
         capture.mode = Mode.OFF
         self._armed_step = None
+        if self._transformer is not None:
+            self._transformer.armed = False
         timing = None
         if self.max_overhead is not None:  # synced with max so every rank picks the same interval
             device = accumulator.device()
@@ -424,7 +447,7 @@ class HealthMonitor(CallbackBase):
         try:
             readings, extra_host, shared = accumulator.finish_train_step(
                 torch.cat([t.to(device, torch.float64).reshape(-1) for t in extra]) if extra else None,
-                timing,
+                transformer_step.share(timing, self._transformer, device),
                 step=step,
             )
         finally:
@@ -433,7 +456,12 @@ class HealthMonitor(CallbackBase):
         overflow = has_overflow and extra_host[-1] > 0
         norms = extra_host[: len(self._param_groups)] if has_norms else []
         self._amp_overflow = None
+        shared, attention_host = transformer_step.split(shared, self._transformer)
         scalars, histograms, snapshot = self._tabulate(step, readings, capture)
+        if self._transformer is not None:
+            transformer_step.publish(
+                self._transformer, attention_host, step, self._history, scalars, histograms, snapshot
+            )
         scalars.update(self._rescue(trainer, step))
         for (name, _params), value in zip(self._param_groups, norms):
             scalars[f"health/param_grad_norm/{name}"] = value
@@ -599,6 +627,7 @@ class HealthMonitor(CallbackBase):
             "thresholds": dataclasses.asdict(self.thresholds),
             "dashboard": self.dashboard,
             "heatmap_every_n_samples": self.heatmap_every_n_samples,
+            "attention": self.attention if isinstance(self.attention, bool) else repr(self.attention),
             **dataclasses.asdict(self.rescue_settings),
         }
 

@@ -131,7 +131,9 @@ def gpt2_adapter(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     q, k, _v = module.c_attn(x).split(module.split_size, dim=2)
     heads = module.num_heads
     mask = _hf_mask(kwargs)  # None under SDPA without padding: then the causal flag decides, as in SDPA
-    return Scores(_heads(q, heads), _heads(k, heads), float(module.scaling), mask, bool(module.is_causal) and mask is None)
+    return Scores(
+        _heads(q, heads), _heads(k, heads), float(module.scaling), mask, bool(module.is_causal) and mask is None
+    )
 
 
 def bert_adapter(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Scores | None:
@@ -160,7 +162,9 @@ def llama_adapter(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
         q, k = rotary(q, k, position[0], position[1])
     mask = _hf_mask(kwargs)
     scaling = float(getattr(module, "scaling", d**-0.5))
-    return Scores(q, _repeat_kv(k, q.shape[1]), scaling, mask, bool(getattr(module, "is_causal", True)) and mask is None)
+    return Scores(
+        q, _repeat_kv(k, q.shape[1]), scaling, mask, bool(getattr(module, "is_causal", True)) and mask is None
+    )
 
 
 def _as_additive(mask: Tensor, disallow_when: bool = True) -> Tensor:
@@ -243,13 +247,15 @@ def validate_attention_spec(value: object) -> bool | dict[str, AttentionSpec]:
     """Check the ``attention`` argument: a bool, or ``{name or regex: AttentionSpec}``."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, Mapping) and all(isinstance(k, str) and isinstance(v, AttentionSpec) for k, v in value.items()):
+    if isinstance(value, Mapping) and all(
+        isinstance(k, str) and isinstance(v, AttentionSpec) for k, v in value.items()
+    ):
         for key in value:
             try:
                 re.compile(key)
             except re.error as err:
-                raise ValueError(f"Expected the keys of `attention` to be names or regexes, got {key!r}: {err}") from None
+                raise ValueError(
+                    f"Expected the keys of `attention` to be names or regexes, got {key!r}: {err}"
+                ) from None
         return dict(value)
-    raise TypeError(
-        f"Expected `attention` to be a bool or a dict of {{name or regex: AttentionSpec}}, got {value!r}"
-    )
+    raise TypeError(f"Expected `attention` to be a bool or a dict of {{name or regex: AttentionSpec}}, got {value!r}")

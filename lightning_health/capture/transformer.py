@@ -158,7 +158,9 @@ class TransformerCapture:
         for name in self.blocks:
             totals = self._massive.get(name)
             parts.append(
-                totals.to(device) if totals is not None else torch.full((2,), -math.inf, dtype=torch.float64, device=device)
+                totals.to(device)
+                if totals is not None
+                else torch.full((2,), -math.inf, dtype=torch.float64, device=device)
             )
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
 

@@ -12,7 +12,17 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 Severity = Literal["warning", "critical"]
-KINDS = ("nonfinite", "dead", "exploding_gradient", "vanishing_gradient", "saturated", "collapsed")
+KINDS = (
+    "nonfinite",
+    "dead",
+    "exploding_gradient",
+    "vanishing_gradient",
+    "saturated",
+    "collapsed",
+    "entropy_collapse",
+    "logit_growth",
+    "massive_activation",
+)
 
 
 @dataclasses.dataclass(frozen=True)
