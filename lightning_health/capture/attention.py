@@ -124,7 +124,7 @@ def _hf_mask(kwargs: Mapping[str, Any]) -> Tensor | None:
     return mask if isinstance(mask, Tensor) else None
 
 
-def gpt2_adapter(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Scores | None:
+def gpt2_adapter(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Scores | None:
     x = _first_arg(args, kwargs, "hidden_states")
     if x is None or kwargs.get("encoder_hidden_states") is not None:
         return None
@@ -136,7 +136,7 @@ def gpt2_adapter(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     )
 
 
-def bert_adapter(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Scores | None:
+def bert_adapter(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Scores | None:
     x = _first_arg(args, kwargs, "hidden_states")
     if x is None or kwargs.get("encoder_hidden_states") is not None:
         return None
@@ -147,7 +147,7 @@ def bert_adapter(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     return Scores(q, k, scaling, mask, bool(getattr(module, "is_causal", False)) and mask is None)
 
 
-def llama_adapter(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Scores | None:
+def llama_adapter(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Scores | None:
     x = _first_arg(args, kwargs, "hidden_states")
     position = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
     if x is None:
