@@ -25,6 +25,7 @@ from typing_extensions import override
 from lightning_health import resume
 from lightning_health import settings as check
 from lightning_health._compat import CallbackBase, amp_found_inf, grad_scale_tensor, rank_zero
+from lightning_health.capture.attention import AttentionSpec, validate_attention_spec
 from lightning_health.capture.hooks import Capture, Mode, StepBuffers
 from lightning_health.capture.selection import (
     LayerSpec,
@@ -34,7 +35,9 @@ from lightning_health.capture.selection import (
     validate_layer_spec,
 )
 from lightning_health.capture.sharding import bind_to_strategy, is_model_parallel
+from lightning_health.capture.transformer import TransformerCapture
 from lightning_health.diagnosis import Finding, FindingLog, Thresholds, evaluate
+from lightning_health.pipeline import transformer_step
 from lightning_health.pipeline.accumulate import Accumulator, LayerReading, ParamGradNorms, layer_param_groups
 from lightning_health.pipeline.history import History
 from lightning_health.pipeline.learning import UpdateTracker, UpdateWindow, fold_learning
@@ -123,6 +126,9 @@ class HealthMonitor(CallbackBase):
         name: names this monitor in checkpoints (its ``state_key``), so two monitors with the same
             ``layers`` can coexist and a resume finds each one's state; ``None`` keys it by ``layers``
             (see :mod:`lightning_health.resume`).
+        attention: read attention entropy / logit maxima of the attention modules and massive
+            activations of the residual blocks it recognises (``True``, default), nothing (``False``),
+            or also the modules named by ``{name or regex: AttentionSpec(...)}`` (see docs/readings.md).
 
     Raises:
         TypeError, ValueError: for bad arguments, naming the argument.
@@ -162,6 +168,7 @@ class HealthMonitor(CallbackBase):
         rescue_seed: int = 0,
         update_ratio_max_bytes: int | None = 2**29,
         name: str | None = None,
+        attention: bool | Mapping[str, AttentionSpec] = True,
     ) -> None:
         self.name = check.optional_name("name", name)
         self.every_n_steps = validate_every_n_steps(every_n_steps)
@@ -197,6 +204,7 @@ class HealthMonitor(CallbackBase):
         self._last_fired_host: dict[str, list[int]] = {}
         self.update_ratio_max_bytes = check.optional_positive_int("update_ratio_max_bytes", update_ratio_max_bytes, 0)
         self._update_window = UpdateWindow(self.dead_window)
+        self.attention = validate_attention_spec(attention)
         self._reset_runtime()
 
     # -- runtime state (rebuilt in setup; never pickled with the callback) ----------------------------
@@ -221,6 +229,7 @@ class HealthMonitor(CallbackBase):
         self._train_buffers: list[StepBuffers] | None = None  # a training step's buffers during validation
         self._norms_read: tuple[bool, ...] = ()  # param groups whose gradient norm this step already read
         self._norm_masks: dict[Any, torch.Tensor] = {}  # (groups to take, device) -> bool mask, made once
+        self._transformer: TransformerCapture | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -235,6 +244,7 @@ class HealthMonitor(CallbackBase):
             "_host_edges",
             "_train_buffers",
             "_norm_masks",
+            "_transformer",
         ):
             state.pop(key, None)
         return state
@@ -376,6 +386,11 @@ class HealthMonitor(CallbackBase):
         self._capture.attach()
         sharded = is_model_parallel(getattr(trainer, "strategy", None))
         refused = self._rescuer.bind(pl_module, self._capture, self._accumulator, sharded)
+        if self.attention:
+            specs = self.attention if isinstance(self.attention, dict) else None
+            self._transformer = TransformerCapture(pl_module, specs) or None
+            if self._transformer is not None:
+                self._transformer.attach()
         if refused and rank_zero(trainer):
             warn_refused(refused, str(self.rescue_settings.rescue))
         if self._pending_state is not None:
@@ -405,6 +420,8 @@ class HealthMonitor(CallbackBase):
         return edges
 
     def _stop_capture(self) -> None:
+        if self._transformer is not None:
+            self._transformer.detach()
         if self._capture is not None:
             self._capture.detach()
             self._capture.reset()
@@ -432,6 +449,7 @@ class HealthMonitor(CallbackBase):
             self._pending_state = {"accumulator": self._accumulator.state_dict()}
         self._capture = None
         self._accumulator = None
+        self._transformer = None
         self._sinks.close()
         self._sinks = SinkSet([])
         self._param_groups = []
@@ -452,6 +470,9 @@ class HealthMonitor(CallbackBase):
             capture.reset()
             capture.grad_scale = grad_scale_tensor(trainer)
             capture.mode = Mode.TRAIN
+            if self._transformer is not None:
+                self._transformer.reset()
+                self._transformer.armed = True
         if self._armed_step is not None:
             capture.new_batch()
 
@@ -518,6 +539,8 @@ class HealthMonitor(CallbackBase):
         assert capture is not None and accumulator is not None and step is not None
         capture.mode = Mode.OFF
         self._armed_step = None
+        if self._transformer is not None:
+            self._transformer.armed = False
         timing = None
         if self.max_overhead is not None:  # synced with max so every rank picks the same interval
             device = accumulator.device()
@@ -530,7 +553,7 @@ class HealthMonitor(CallbackBase):
         try:
             readings, extra_host, shared = accumulator.finish_train_step(
                 torch.cat([t.to(device, torch.float64).reshape(-1) for t in extra]) if extra else None,
-                timing,
+                transformer_step.share(timing, self._transformer, device),
                 step=step,
             )
         finally:
@@ -540,7 +563,12 @@ class HealthMonitor(CallbackBase):
         norms = extra_host[: len(self._param_groups)] if has_norms else []
         learning_host = extra_host[len(norms) : len(norms) + (0 if learning is None else learning.numel())]
         self._amp_overflow = None
+        shared, attention_host = transformer_step.split(shared, self._transformer)
         scalars, histograms, snapshot = self._tabulate(step, readings, capture)
+        if self._transformer is not None:
+            transformer_step.publish(
+                self._transformer, attention_host, step, self._history, scalars, histograms, snapshot
+            )
         scalars.update(self._rescue(trainer, step))
         for (name, _params), value in zip(self._param_groups, norms):
             scalars[f"health/param_grad_norm/{name}"] = value
@@ -747,6 +775,7 @@ class HealthMonitor(CallbackBase):
             "dashboard": self.dashboard,
             "heatmap_every_n_samples": self.heatmap_every_n_samples,
             "update_ratio_max_bytes": self.update_ratio_max_bytes,
+            "attention": self.attention if isinstance(self.attention, bool) else repr(self.attention),
             **dataclasses.asdict(self.rescue_settings),
         }
 

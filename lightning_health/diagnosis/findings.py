@@ -14,7 +14,7 @@ from typing import Literal
 Severity = Literal["warning", "critical"]
 KINDS = (
     "nonfinite", "dead", "exploding_gradient", "vanishing_gradient", "saturated", "collapsed", "inactive",
-    "gradient_flow", "stalled", "unstable",
+    "gradient_flow", "stalled", "unstable", "entropy_collapse", "logit_growth", "massive_activation",
 )  # fmt: skip
 
 
@@ -25,7 +25,8 @@ class Finding:
     Attributes:
         layer: the module's qualified name.
         kind: one of ``dead``, ``inactive``, ``saturated``, ``vanishing_gradient``,
-            ``exploding_gradient``, ``collapsed``, ``nonfinite``, ``gradient_flow``, ``stalled``, ``unstable``.
+            ``exploding_gradient``, ``collapsed``, ``nonfinite``, ``gradient_flow``, ``stalled``, ``unstable``,
+            ``entropy_collapse``, ``logit_growth``, ``massive_activation``.
         severity: ``"warning"`` or ``"critical"``.
         message: what is wrong, in plain English, with the numbers.
         step: the global step at which this problem first appeared (its onset).

@@ -26,6 +26,12 @@ Rules (defaults in :class:`Thresholds`, all overridable):
   the GradScaler skipped are not judged).
 - ``unstable``: a module's update-to-weight ratio stayed above ``0.1`` over the whole window: every
   step moves its weights by a tenth of their size.
+- ``entropy_collapse``: an attention layer's lowest-head mean entropy below ``0.1`` nats, or below
+  ``1/10`` of its own earlier peak (warning; Zhai et al., 2023).
+- ``logit_growth``: ``attn_logit_max`` above ``50``, or at least ``20`` and ``4x`` its own lowest
+  reading (warning; Dehghani et al., 2023; Wortsman et al., 2023).
+- ``massive_activation``: a residual block's ``massive_ratio`` at least ``100`` (Sun et al., 2024)
+  and ``4x`` its own lowest reading: growth, not existence (warning).
 
 Each rule is one small function registered in :data:`RULES`: adding a rule is adding a function.
 """
@@ -201,9 +207,54 @@ def unstable_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set
     return {"unstable"}, []
 
 
+def entropy_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
+    low = r.get("attn_entropy_min")
+    if low is None:
+        return set(), []
+    t, peak = ctx.thresholds, r.get("attn_entropy_min_peak")
+    if low < t.entropy_floor:
+        return {"entropy_collapse"}, [
+            ("entropy_collapse", "warning", f"lowest head's attention entropy {low:.3f} nats: nearly one-hot", low)
+        ]
+    if peak is not None and low < t.entropy_drop * peak:
+        message = f"lowest head's attention entropy {low:.3f} nats, down from {peak:.3f}"
+        return {"entropy_collapse"}, [("entropy_collapse", "warning", message, low)]
+    return {"entropy_collapse"}, []
+
+
+def logit_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
+    top = r.get("attn_logit_max")
+    if top is None:
+        return set(), []
+    t, low = ctx.thresholds, r.get("attn_logit_max_low")
+    if top > t.logit_bound:
+        return {"logit_growth"}, [
+            ("logit_growth", "warning", f"max attention logit {top:.1f} above {t.logit_bound:g}", top)
+        ]
+    if low is not None and low > 0 and top >= t.logit_growth_floor and top >= t.logit_growth * low:
+        message = f"max attention logit {top:.1f}, {top / low:.1f}x its lowest reading ({low:.2f})"
+        return {"logit_growth"}, [("logit_growth", "warning", message, top)]
+    return {"logit_growth"}, []
+
+
+def massive_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
+    ratio = r.get("massive_ratio")
+    if ratio is None:
+        return set(), []
+    low = r.get("massive_ratio_low")
+    if ratio >= 100 and low is not None and low > 0 and ratio >= ctx.thresholds.massive_growth * low:
+        share = r.get("massive_channels", 0.0)
+        message = (
+            f"residual-stream outliers growing: max/median {ratio:.0f} ({ratio / low:.1f}x its lowest), "
+            f"{_pct(share)} of channels past 100x the median"
+        )
+        return {"massive_activation"}, [("massive_activation", "warning", message, ratio)]
+    return {"massive_activation"}, []
+
+
 RULES: tuple[Rule, ...] = (
     nonfinite_rule, dead_rule, inactive_rule, saturation_rule, gradient_rule, collapse_rule,
-    gradient_flow_rule, stalled_rule, unstable_rule,
+    gradient_flow_rule, stalled_rule, unstable_rule, entropy_rule, logit_rule, massive_rule,
 )  # fmt: skip
 """Every rule, in the order their findings are listed at one step."""
 

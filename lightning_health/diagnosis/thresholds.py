@@ -26,21 +26,27 @@ class Thresholds:
     stalled_ratio: float = 1e-2
     unstable_update_ratio: float = 0.1
     flow_gain: float = 10.0
+    entropy_floor: float = 0.1  # nats: a layer's lowest head below this attends nearly one-hot
+    entropy_drop: float = 0.1  # ... or below this fraction of its own earlier peak
+    logit_bound: float = 50.0  # attn_logit_max past this (exp(50) ~ 5e21: one-hot in float32)
+    logit_growth: float = 4.0  # ... or this many times its own lowest reading,
+    logit_growth_floor: float = 20.0  # once it is at least this large
+    massive_growth: float = 4.0  # massive_ratio (>= 100, Sun et al.'s criterion) this many times its lowest
 
     def __post_init__(self) -> None:
-        for name in (
-            "dead_warning",
-            "dead_critical",
-            "saturation",
-            "vanishing_ratio",
-            "inactive_warning",
-            "stalled_ratio",
-        ):
+        fractions = (
+            "dead_warning", "dead_critical", "saturation", "vanishing_ratio", "inactive_warning", "stalled_ratio",
+            "entropy_drop",
+        )  # fmt: skip
+        for name in fractions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise ValueError(f"Expected `{name}` to be a fraction in [0, 1], got {value!r}")
-        for name in ("vanishing_grad_std", "exploding_grad_std", "collapse_std", "stalled_update_ratio",
-                     "unstable_update_ratio", "flow_gain"):  # fmt: skip
+        positives = (
+            "vanishing_grad_std", "exploding_grad_std", "collapse_std", "stalled_update_ratio", "unstable_update_ratio",
+            "flow_gain", "entropy_floor", "logit_bound", "logit_growth", "logit_growth_floor", "massive_growth",
+        )  # fmt: skip
+        for name in positives:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"Expected `{name}` to be a positive number, got {value!r}")

@@ -1,0 +1,213 @@
+"""Hooks for the transformer readings: attention pre-hooks and residual-block forward hooks.
+
+Registered once when fit starts (the layout of the packed vector is fixed then: per attention
+module its heads, per block two numbers), gated by :attr:`TransformerCapture.armed` on every other
+step. On a sampled step each hook reduces on the device into fixed-size buffers (micro-batches and
+repeated calls fold in: entropy sums and row counts add, maxima take the max); nothing is read on
+the host. :meth:`TransformerCapture.pack` hands one float64 vector to the step's single transfer.
+
+Packed layout, reduced with ``max`` across DDP ranks (so it rides the ``shared_max`` part of the
+one collective): per attention module ``H`` negated per-head mean entropies (the max of a negation
+is the lowest: the worst rank's head), ``H`` per-head logit maxima, and the largest key count; per
+block ``massive_ratio`` and ``massive_channels``. ``-inf`` marks "not seen on this rank".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_health.capture.attention import Adapter, AttentionSpec, find_attention, find_blocks
+from lightning_health.capture.hooks import first_tensor
+from lightning_health.readings.attention import attention_totals, massive_totals
+
+
+@dataclasses.dataclass
+class _AttentionState:
+    name: str
+    module: nn.Module
+    adapter: Adapter
+    heads: int = 0  # known after the first sampled call; fixes the layout
+    entropy: Tensor | None = None  # (H,) float64 sums
+    rows: Tensor | None = None  # (H,) float64
+    top: Tensor | None = None  # (H,) float32 maxima
+    keys: int = 0
+
+
+@dataclasses.dataclass
+class TransformerReadings:
+    """One sampled step's transformer readings on the host."""
+
+    metrics: dict[str, dict[str, float]]  # layer -> {attn_entropy, attn_entropy_min, attn_logit_max | massive_*}
+    head_entropy: dict[str, list[float]]  # attention layer -> per-head mean entropy (nats)
+    head_logit_max: dict[str, list[float]]
+    max_keys: dict[str, int]
+
+
+def _heads_of(module: nn.Module) -> int:
+    for attr in ("num_heads", "num_attention_heads"):
+        if isinstance(getattr(module, attr, None), int):
+            return int(getattr(module, attr))
+    config = getattr(module, "config", None)
+    if isinstance(getattr(config, "num_attention_heads", None), int):
+        return int(config.num_attention_heads)  # type: ignore[union-attr]
+    return 0
+
+
+class TransformerCapture:
+    """Attention and residual-block hooks of one model (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, specs: Mapping[str, AttentionSpec] | None = None) -> None:
+        self.attention = [_AttentionState(n, m, a) for n, m, a in find_attention(model, specs)]
+        for state in self.attention:
+            spec_heads = getattr(state.adapter, "heads", None)
+            state.heads = spec_heads if isinstance(spec_heads, int) else _heads_of(state.module)
+        self.attention = [s for s in self.attention if s.heads > 0]
+        self.blocks = [name for name, _m in find_blocks(model)]
+        self._block_modules = dict(find_blocks(model))
+        self._massive: dict[str, Tensor] = {}
+        self.armed = False
+        self._handles: list[RemovableHandle] = []
+        self._broken: set[str] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self.attention or self.blocks)
+
+    def attach(self) -> None:
+        if self._handles:
+            return
+        for index, state in enumerate(self.attention):
+            hook = _PreHook(self, index)
+            self._handles.append(state.module.register_forward_pre_hook(hook, with_kwargs=True))
+        for name in self.blocks:
+            self._handles.append(self._block_modules[name].register_forward_hook(_BlockHook(self, name)))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.armed = False
+
+    def reset(self) -> None:
+        for state in self.attention:
+            state.entropy = state.rows = state.top = None
+            state.keys = 0
+        self._massive = {}
+
+    # -- hooks ---------------------------------------------------------------------------------
+    @torch.compiler.disable
+    def on_attention(self, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        state = self.attention[index]
+        if not self.armed or state.name in self._broken:
+            return
+        try:
+            with torch.no_grad():
+                scores = state.adapter(state.module, args, kwargs)
+                if scores is None or scores.q.shape[1] != state.heads:
+                    return
+                ent, rows, top = attention_totals(
+                    scores.q, scores.k, scores.scaling, mask=scores.mask, causal=scores.causal
+                )
+        except Exception as err:  # a model we misread is a warning, never a crash of the user's run
+            self._broken.add(state.name)
+            warnings.warn(
+                f"HealthMonitor cannot read attention of `{state.name}` ({type(err).__name__}: {err}); "
+                "it is skipped. Register it with HealthMonitor(attention={name: AttentionSpec(...)}).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        if state.entropy is None or state.rows is None or state.top is None:
+            state.entropy, state.rows, state.top = ent, rows, top
+        else:
+            state.entropy.add_(ent)
+            state.rows.add_(rows)
+            state.top = torch.maximum(state.top, top)
+        state.keys = max(state.keys, int(scores.k.shape[-2]))
+
+    @torch.compiler.disable
+    def on_block(self, name: str, output: Any) -> None:
+        if not self.armed:
+            return
+        x = first_tensor(output)
+        if x is None or x.dim() < 2:
+            return
+        totals = massive_totals(x)
+        old = self._massive.get(name)
+        self._massive[name] = totals if old is None else torch.maximum(old, totals)
+
+    # -- the one transfer ------------------------------------------------------------------------
+    def pack(self, device: torch.device) -> Tensor:
+        """This step's readings as one float64 vector of the layout fixed at registration (see module doc)."""
+        parts: list[Tensor] = []
+        for state in self.attention:
+            h = state.heads
+            if state.entropy is None or state.rows is None or state.top is None:
+                parts.append(torch.full((2 * h + 1,), -math.inf, dtype=torch.float64, device=device))
+                continue
+            mean = torch.where(state.rows > 0, state.entropy / state.rows.clamp_min(1), math.inf)
+            keys = torch.full((1,), float(state.keys), dtype=torch.float64, device=device)  # a fill, no copy
+            parts += [(-mean).to(device), state.top.to(device, torch.float64), keys]
+        for name in self.blocks:
+            totals = self._massive.get(name)
+            parts.append(
+                totals.to(device)
+                if totals is not None
+                else torch.full((2,), -math.inf, dtype=torch.float64, device=device)
+            )
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+
+    def width(self) -> int:
+        return sum(2 * s.heads + 1 for s in self.attention) + 2 * len(self.blocks)
+
+    def unpack(self, host: list[float]) -> TransformerReadings:
+        out = TransformerReadings({}, {}, {}, {})
+        at = 0
+        for state in self.attention:
+            h = state.heads
+            neg, top, keys = host[at : at + h], host[at + h : at + 2 * h], host[at + 2 * h]
+            at += 2 * h + 1
+            heads = [-v for v in neg if math.isfinite(v)]
+            if not heads:
+                continue
+            out.metrics[state.name] = {
+                "attn_entropy": sum(heads) / len(heads),
+                "attn_entropy_min": min(heads),
+                "attn_logit_max": max(top),
+            }
+            out.head_entropy[state.name] = [-v for v in neg]
+            out.head_logit_max[state.name] = list(top)
+            out.max_keys[state.name] = int(keys)
+        for name in self.blocks:
+            ratio, share = host[at], host[at + 1]
+            at += 2
+            if math.isfinite(ratio):
+                out.metrics[name] = {"massive_ratio": ratio, "massive_channels": share}
+        return out
+
+
+class _PreHook:
+    """Picklable forward pre-hook (``with_kwargs``); never changes the call's arguments."""
+
+    def __init__(self, owner: TransformerCapture, index: int) -> None:
+        self.owner, self.index = owner, index
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self.owner.armed:
+            self.owner.on_attention(self.index, args, kwargs)
+
+
+class _BlockHook:
+    def __init__(self, owner: TransformerCapture, name: str) -> None:
+        self.owner, self.name = owner, name
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.owner.armed:
+            self.owner.on_block(self.name, output)

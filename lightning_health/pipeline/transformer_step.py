@@ -1,0 +1,86 @@
+"""The transformer readings' share of a sampled step: onto the one collective, then into history and diagnosis.
+
+The packed vector (:meth:`~lightning_health.capture.transformer.TransformerCapture.pack`) is appended to
+the step's ``shared_max`` numbers, so it is reduced with ``max`` in the step's single collective and
+reaches the host in its single transfer. :func:`publish` turns the host numbers into logged scalars,
+per-head histograms and the diagnosis snapshot, with each layer's earlier levels (from the history)
+that the growth and drop rules compare against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lightning_health.capture.transformer import TransformerCapture
+from lightning_health.pipeline.history import History
+from lightning_health.sinks import Histogram
+
+# earlier level kept in the snapshot per reading: (metric, snapshot key, how earlier values are folded)
+_EARLIER = (
+    ("attn_entropy_min", "attn_entropy_min_peak", max),
+    ("attn_logit_max", "attn_logit_max_low", min),
+    ("massive_ratio", "massive_ratio_low", min),
+)
+
+
+def share(timing: Tensor | None, capture: TransformerCapture | None, device: torch.device) -> Tensor | None:
+    """``timing`` followed by the transformer readings (both reduced with max across ranks)."""
+    if capture is None or not capture:
+        return timing
+    packed = capture.pack(device)
+    return packed if timing is None else torch.cat([timing.to(device, torch.float64), packed])
+
+
+def split(shared: list[float], capture: TransformerCapture | None) -> tuple[list[float], list[float]]:
+    """``(timing part, transformer part)`` of the host copy of ``shared_max``."""
+    if capture is None or not capture:
+        return shared, []
+    n = capture.width()
+    return shared[: len(shared) - n], shared[len(shared) - n :]
+
+
+def _head_histogram(values: list[float], high: float) -> Histogram:
+    bins = 16
+    edges = tuple(high * i / bins for i in range(bins + 1))
+    counts = [0.0] * (bins + 3)
+    for v in values:
+        if not math.isfinite(v):
+            counts[-1] += 1
+        elif v < 0:
+            counts[0] += 1
+        elif v > high:
+            counts[-2] += 1
+        else:
+            counts[1 + min(bins - 1, int(v / high * bins))] += 1
+    return Histogram(edges, tuple(counts))
+
+
+def publish(
+    capture: TransformerCapture,
+    host: list[float],
+    step: int,
+    history: History,
+    scalars: dict[str, float],
+    histograms: dict[str, Histogram],
+    snapshot: dict[str, dict[str, float]],
+) -> None:
+    """Log the readings, record them in ``history`` and add them (with earlier levels) to ``snapshot``."""
+    readings = capture.unpack(host)
+    for layer, metrics in readings.metrics.items():
+        entry = snapshot.setdefault(layer, {})
+        for metric, key, fold in _EARLIER:
+            earlier = [v for _s, v in history.curves(metric).get(layer, []) if math.isfinite(v)]
+            if earlier and metric in metrics:
+                entry[key] = fold(earlier)
+        for metric, value in metrics.items():
+            scalars[f"health/{metric}/{layer}"] = value
+            history.add(step, metric, layer, value)
+            entry[metric] = value
+        if layer in readings.max_keys:
+            entry["attn_max_entropy"] = math.log(max(1, readings.max_keys[layer]))
+    for layer, heads in readings.head_entropy.items():
+        high = max(math.log(max(2, readings.max_keys.get(layer, 2))), 1e-6)
+        histograms[f"health/attn_head_entropy/{layer}"] = _head_histogram(heads, high)

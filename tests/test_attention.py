@@ -1,0 +1,188 @@
+"""Transformer readings: attention entropy / logit max against eager references, massive activations, findings."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from lightning_health import HealthMonitor
+from lightning_health.capture.transformer import TransformerCapture
+from lightning_health.readings.attention import attention_totals, massive_totals
+from tests.conftest import trainer_kwargs
+
+transformers = pytest.importorskip("transformers")
+
+
+def _gpt2(impl: str | None = None) -> nn.Module:
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=50, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
+    if impl is not None:
+        cfg._attn_implementation = impl
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def _read(model: nn.Module, *args: object, **kwargs: object):
+    cap = TransformerCapture(model)
+    cap.attach()
+    cap.armed = True
+    with torch.no_grad():
+        model(*args, **kwargs)
+    cap.detach()
+    return cap.unpack(cap.pack(torch.device("cpu")).tolist())
+
+
+def test_gpt2_readings_match_eager_attention_per_layer() -> None:
+    torch.manual_seed(0)
+    model = _gpt2()  # default (SDPA) kernel
+    assert model.config._attn_implementation != "eager"
+    for p in model.parameters():  # larger weights than the 0.02 init, so the heads differ from uniform
+        p.data.mul_(3.0)
+    ids = torch.randint(0, 50, (3, 16))
+    mask = torch.ones(3, 16, dtype=torch.long)
+    mask[1, 11:] = 0
+    got = _read(model, ids, attention_mask=mask)
+
+    eager = _gpt2("eager")
+    eager.load_state_dict(model.state_dict())
+    qkv: list[torch.Tensor] = []
+    hooks = [blk.attn.c_attn.register_forward_hook(lambda m, i, o: qkv.append(o)) for blk in eager.transformer.h]
+    with torch.no_grad():
+        out = eager(ids, attention_mask=mask, output_attentions=True)
+    for h in hooks:
+        h.remove()
+    allowed = torch.tril(torch.ones(16, 16, dtype=torch.bool)) & mask.bool()[:, None, None, :]
+    for layer, (probs, fused) in enumerate(zip(out.attentions, qkv)):
+        name = f"transformer.h.{layer}.attn"
+        ent = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # (B, H, L)
+        per_head = ent.mean(dim=(0, 2))
+        q, k, _ = fused.split(64, dim=2)
+        q, k = (t.view(3, 16, 4, 16).transpose(1, 2) for t in (q, k))
+        scores = (q @ k.transpose(-1, -2)) / 4.0
+        top = scores.masked_fill(~allowed, -math.inf).amax()
+        assert got.metrics[name]["attn_entropy"] == pytest.approx(ent.mean().item(), rel=1e-4)
+        assert got.metrics[name]["attn_entropy_min"] == pytest.approx(per_head.min().item(), rel=1e-4)
+        assert got.metrics[name]["attn_logit_max"] == pytest.approx(top.item(), rel=1e-4)
+        assert got.head_entropy[name] == pytest.approx(per_head.tolist(), rel=1e-4)
+    assert set(got.metrics) >= {"transformer.h.0", "transformer.h.1"}  # residual blocks read too
+
+
+def test_multihead_attention_respects_key_padding_mask() -> None:
+    torch.manual_seed(1)
+    mha = nn.MultiheadAttention(32, 4, batch_first=True)
+    x = torch.randn(2, 10, 32) * 3
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[0, 6:] = True
+    cap = TransformerCapture(mha)
+    cap.attach()
+    cap.armed = True
+    with torch.no_grad():
+        _, probs = mha(x, x, x, key_padding_mask=pad, need_weights=True, average_attn_weights=False)
+    got = cap.unpack(cap.pack(torch.device("cpu")).tolist()).metrics[""]
+    ent = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
+    assert got["attn_entropy"] == pytest.approx(ent.mean().item(), rel=1e-4)
+    assert got["attn_entropy_min"] == pytest.approx(ent.mean(dim=(0, 2)).min().item(), rel=1e-4)
+    w_q, w_k, _ = mha.in_proj_weight.chunk(3)
+    b_q, b_k, _ = mha.in_proj_bias.chunk(3)
+    q = (x @ w_q.T + b_q).view(2, 10, 4, 8).transpose(1, 2)
+    k = (x @ w_k.T + b_k).view(2, 10, 4, 8).transpose(1, 2)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(8)
+    top = scores.masked_fill(pad[:, None, None, :], -math.inf).amax()
+    assert got["attn_logit_max"] == pytest.approx(top.item(), rel=1e-4)
+
+
+def test_attention_totals_chunking_and_massive_totals() -> None:
+    torch.manual_seed(2)
+    q, k = torch.randn(2, 3, 40, 8), torch.randn(2, 3, 40, 8)
+    whole = attention_totals(q, k, 0.7, causal=True)
+    chunked = attention_totals(q, k, 0.7, causal=True, chunk_elements=2 * 3 * 40 * 3)  # 3 queries a chunk
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b)
+    x = torch.randn(4, 50, 16)
+    x[..., 5] *= 1000
+    ratio, share = massive_totals(x).tolist()
+    a = x.abs()
+    assert ratio == pytest.approx((a.max() / a.median()).item(), rel=1e-6)
+    assert share == pytest.approx(((a.amax(dim=(0, 1)) > 100 * a.median()).float().mean()).item())
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_bert_and_llama_are_recognised(family: str) -> None:
+    torch.manual_seed(3)
+    if family == "bert":
+        cfg = transformers.BertConfig(
+            vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+        )
+        model = transformers.BertModel(cfg).eval()
+        prefix, block = "encoder.layer.0.attention.self", "encoder.layer.0"
+    else:
+        cfg = transformers.LlamaConfig(
+            vocab_size=50,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+        )
+        model = transformers.LlamaForCausalLM(cfg).eval()
+        prefix, block = "model.layers.0.self_attn", "model.layers.0"
+    ids = torch.randint(0, 50, (2, 12))
+    got = _read(model, ids, attention_mask=torch.ones(2, 12, dtype=torch.long))
+    reading = got.metrics[prefix]
+    assert all(math.isfinite(v) for v in reading.values())
+    assert 0 < reading["attn_entropy_min"] <= reading["attn_entropy"] <= math.log(12) + 1e-5
+    assert math.isfinite(got.metrics[block]["massive_ratio"])
+
+
+class _TinyGPT(pl.LightningModule):
+    def __init__(self, sabotage: float = 1.0, massive: bool = False) -> None:
+        super().__init__()
+        self.model = _gpt2().train()
+        self.sabotage, self.massive = sabotage, massive
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        if self.sabotage != 1.0 and self.global_step == 3:  # scaled-up query weights from step 3 on
+            with torch.no_grad():
+                for blk in self.model.transformer.h:
+                    blk.attn.c_attn.weight[:, :64].mul_(self.sabotage)
+                    blk.ln_1.weight.mul_(4.0)
+        if self.massive and self.global_step == 3:  # one outlier channel in the residual stream from step 3 on
+            with torch.no_grad():
+                self.model.transformer.wte.weight[:, 7] += 50.0
+        return self.model(batch, labels=batch).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def _fit(module: pl.LightningModule, steps: int) -> HealthMonitor:
+    torch.manual_seed(4)
+    data = torch.utils.data.DataLoader(torch.randint(0, 50, (steps * 4, 16)), batch_size=4)
+    monitor = HealthMonitor(every_n_steps=1, verbose=False, heatmap_every_n_samples=None)
+    pl.Trainer(max_steps=steps, callbacks=[monitor], **trainer_kwargs()).fit(module, data)
+    return monitor
+
+
+def test_healthy_random_gpt2_raises_no_transformer_finding() -> None:
+    monitor = _fit(_TinyGPT(), 6)
+    assert len(monitor.curves("attn_entropy")["model.transformer.h.0.attn"]) == 6
+    kinds = {f.kind for f in monitor.diagnose()}
+    assert not kinds & {"entropy_collapse", "logit_growth", "massive_activation"}
+
+
+def test_scaled_queries_raise_logit_growth_and_entropy_collapse_with_onset() -> None:
+    monitor = _fit(_TinyGPT(sabotage=300.0), 5)
+    found = {(f.layer, f.kind): f for f in monitor.diagnose()}
+    for kind in ("logit_growth", "entropy_collapse"):
+        assert found[("model.transformer.h.0.attn", kind)].step == 3, monitor.diagnose()
+
+
+def test_outlier_channel_raises_massive_activation_with_onset() -> None:
+    monitor = _fit(_TinyGPT(massive=True), 5)
+    found = {(f.layer, f.kind): f for f in monitor.diagnose()}
+    assert found[("model.transformer.h.0", "massive_activation")].step == 3, monitor.diagnose()
+    assert monitor.curves("massive_channels")["model.transformer.h.0"][-1][1] > 0
