@@ -470,7 +470,11 @@ def test_a_thousand_sampled_steps_do_not_grow_memory():
         tracemalloc.stop()
         torch.set_num_threads(threads)
     assert trainer.global_step == 1000
-    assert grown < 256 * 1024, f"{grown} bytes allocated and kept over 700 sampled steps"
+    # The history may legitimately refill up to its cap (a (step, value) tuple is ~72 bytes) between two
+    # thinnings; anything beyond that, plus a small slack, is a leak.
+    series = sum(len(monitor.curves(metric)) for metric in monitor._history.metrics())
+    budget = 256 * 1024 + 64 * 72 * series
+    assert grown < budget, f"{grown} bytes allocated and kept over 700 sampled steps ({series} series)"
     assert live_tensors() <= tensors_before
     assert max(len(p) for p in monitor.curves("act_mean").values()) <= 64
     assert all(len(m._forward_hooks) == 1 for m in model.net if isinstance(m, nn.ReLU))  # never re-added
