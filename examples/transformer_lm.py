@@ -169,7 +169,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     findings = monitor.diagnose()
     print(f"{len(findings)} finding(s)" + "".join(f"\n- {finding.message}" for finding in findings))
     if args.logger == "tensorboard":
-        print(f"open the dashboards: tensorboard --logdir {args.out}")
+        print(f"open the dashboards: tensorboard --logdir {args.out} --samples_per_plugin=scalars=0,images=0")
+    else:
+        import wandb
+
+        run_dir = Path(trainer.logger.experiment.dir).parent  # .../wandb/offline-run-<time>-<id>
+        wandb.finish()  # flush and close the run cleanly (its debug log then ends without a traceback)
+        print(
+            f"W&B run written to {run_dir}"
+            + (f"; upload it with: wandb sync {run_dir}" if "offline" in run_dir.name else "")
+        )
     return 0
 
 

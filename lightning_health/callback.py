@@ -47,12 +47,15 @@ from lightning_health.rescue.policy import RescueEvent, RescueMode
 from lightning_health.rescue.runner import RescueInit, Rescuer, RescueSettings, warn_refused
 from lightning_health.sinks import Histogram, SinkSet, sinks_for
 from lightning_health.sinks.console import HealthReport, print_report
-from lightning_health.sinks.format import run_summary
 from lightning_health.sinks.heatmap import render_heatmap
+from lightning_health.sinks.status import status_scalars, status_summary
 
 OnCritical = Literal["warn", "stop", "raise"]
 _UNSUPPORTED_STRATEGIES = re.compile(r"fsdp|deepspeed", re.IGNORECASE)
 HEATMAP_TAG = "health/dead_fraction_heatmap"
+# Histogram magnitudes (symlog edges): wide enough that an explosion stays on the chart; what lies beyond
+# is logged as health/act_out_of_range, health/grad_out_of_range.
+ACT_EDGE_RANGE, GRAD_EDGE_RANGE = (1e-4, 1e30), (1e-9, 1e30)
 
 
 class HealthCriticalError(RuntimeError):
@@ -350,7 +353,7 @@ class HealthMonitor(CallbackBase):
             )
             return
         act_edges = self._activation_edges(chosen) if self.log_histograms else None
-        grad_edges = R.symlog_edges(self.histogram_bins, 1e-9, 1e3) if self.log_histograms else None
+        grad_edges = R.symlog_edges(self.histogram_bins, *GRAD_EDGE_RANGE) if self.log_histograms else None
         # Host copies of the fixed edges, made once (edges are built on the CPU: no device transfer).
         self._host_edges = {f"act:{name}": tuple(e.tolist()) for name, e in (act_edges or {}).items()}
         if grad_edges is not None:
@@ -416,7 +419,7 @@ class HealthMonitor(CallbackBase):
             if bounds is not None:
                 edges[layer.name] = R.linear_edges(self.histogram_bins, *bounds)
             else:
-                edges[layer.name] = R.symlog_edges(self.histogram_bins, 1e-4, 1e4)
+                edges[layer.name] = R.symlog_edges(self.histogram_bins, *ACT_EDGE_RANGE)
         return edges
 
     def _stop_capture(self) -> None:
@@ -593,7 +596,6 @@ class HealthMonitor(CallbackBase):
             for name, value in values.items():
                 scalars[f"health/{metric}/{name}"] = value
                 self._history.add(step, metric, name, value)
-        self._sinks.write(step, scalars, histograms)
         with_grad = [name for name in order if "grad_std" in snapshot.get(name, {})]
         found, checked = evaluate(
             step,
@@ -606,7 +608,11 @@ class HealthMonitor(CallbackBase):
             layer_order=order,
         )
         self._settle(trainer, capture, readings)
-        self._react(trainer, self._findings.record(found, checked, step), step)
+        escalated = self._findings.record(found, checked, step)
+        if self._sinks.sinks:  # the status line, from this step's readings and the live findings
+            scalars.update(status_scalars(snapshot, self.diagnose(), histograms))
+        self._sinks.write(step, scalars, histograms)
+        self._react(trainer, escalated, step)
         self._publish(step)
 
     def _tabulate(
@@ -783,13 +789,14 @@ class HealthMonitor(CallbackBase):
         """Findings (when they changed) and, every so often, the heatmap; no work without a sink for them."""
         if not self.dashboard or not self._sinks.sinks:
             return
-        self._sinks.findings(step, self.diagnose())
+        self._sinks.findings(step, self.diagnose(), force=final)
         self._samples_published += not final
         every = self.heatmap_every_n_samples
         if every and self._sinks.takes_images and (final or self._samples_published % every == 0):
             curves = self.curves("dead_fraction")
             if curves:
-                self._sinks.image(step, HEATMAP_TAG, render_heatmap(curves, self.monitored_layers))
+                nonfinite = self.curves("nonfinite")
+                self._sinks.image(step, HEATMAP_TAG, render_heatmap(curves, self.monitored_layers, nonfinite=nonfinite))
             self._publish_profile(step)
 
     def _publish_profile(self, step: int) -> None:
@@ -806,7 +813,8 @@ class HealthMonitor(CallbackBase):
             return
         step = trainer.global_step
         self._publish(step, final=True)
-        self._sinks.finish(step, run_summary(self.curves("dead_fraction"), self.diagnose(), self.monitored_layers))
+        curves = self.curves("dead_fraction"), self.curves("nonfinite")
+        self._sinks.finish(step, status_summary(*curves, self.diagnose(), self.monitored_layers))
 
     @override
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:

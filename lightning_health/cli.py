@@ -1,12 +1,14 @@
 """The ``lightning-health`` command.
 
-``lightning-health report PATH... [--png FILE] [--json]`` reads health readings back from TensorBoard
-event files and prints, per run, the per-layer table and the findings, and with several runs a
-comparison of which layers died and when. ``lightning-health demo [--out DIR]`` trains a healthy and a
-sick network on the CPU and prints what the monitor found in each.
+``lightning-health report PATH... [--png FILE [--per-run]] [--json]`` reads health readings back from
+TensorBoard event files and prints, per run, the per-layer table and the findings, and with several
+runs a comparison of which layers died and when. ``lightning-health demo [--out DIR]`` trains a
+healthy, a dying and an exploding network on the CPU and prints what the monitor found in each.
 
 Exit codes: 0 on success, 2 when a path does not exist or holds no health readings (after reporting
-every path that does), and argparse's 2 for bad arguments.
+every path that does), when an output cannot be written, and argparse's 2 for bad arguments. Every
+problem is one line on standard error; a truncated or corrupt event file is a warning that says what
+was read.
 
 Example:
     >>> main(["report", "/nonexistent/runs"])  # doctest: +SKIP
@@ -27,7 +29,13 @@ from typing import TextIO
 
 from lightning_health.diagnosis import Finding, Thresholds, diagnose_curves
 from lightning_health.offline.event_reader import RunHealth, make_names_unique, read_path
-from lightning_health.offline.run_summary import course_of_disease, death_onsets, first_nonfinite_step, latest_readings
+from lightning_health.offline.run_summary import (
+    course_of_disease,
+    death_onsets,
+    first_nonfinite_step,
+    latest_readings,
+    status_series,
+)
 from lightning_health.sinks.console import HealthReport, print_report
 
 PROG = "lightning-health"
@@ -72,17 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--png",
         metavar="FILE",
-        help="also draw the diagnosis panel to FILE (one file per run: FILE's stem + the run's name)",
+        help="also draw every run's panel charts side by side to FILE (PNG)",
+    )
+    report.add_argument(
+        "--per-run",
+        action="store_true",
+        help="with --png, also draw one panel per run next to FILE (FILE's stem + the run's name)",
     )
     report.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
     report.set_defaults(handler=_report_command)
 
     demo = commands.add_parser(
         "demo",
-        help="train a healthy and a sick network on the CPU and diagnose both",
+        help="train a healthy, a dying and an exploding network on the CPU and diagnose each",
         description=(
-            "Train the same 8-16-16-16-16-4 ReLU MLP twice on the CPU: healthy (Kaiming init, lr 0.05) and "
-            "sick (N(0,1) init, lr 0.8), with TensorBoard logs under DIR, and print each run's diagnosis."
+            "Train the same 8-16-16-16-16-4 ReLU MLP three times on the CPU: healthy (Kaiming init, lr 0.05), "
+            "dying (Kaiming init, lr 0.2, a bias penalty of the wrong sign: units die, no NaN) and exploding "
+            "(N(0,1) init, lr 0.8: NaN from step 3), with TensorBoard logs under DIR, and print each diagnosis."
         ),
     )
     demo.add_argument("--out", default="runs", metavar="DIR", help="TensorBoard log directory (default: ./runs)")
@@ -103,13 +117,23 @@ def _positive_int(text: str) -> int:
 
 
 def _report_command(args: argparse.Namespace) -> int:
+    if args.per_run and not args.png:
+        print(f"{PROG}: --per-run needs --png FILE", file=sys.stderr)
+        return EXIT_NO_DATA
     runs, problems = _collect_runs(args.paths)
     for problem in problems:
         print(f"{PROG}: {problem}", file=sys.stderr)
+    for run in runs:
+        for damage in run.problems:
+            print(f"{PROG}: warning: {run.name}: {damage}", file=sys.stderr)
     if not runs:
         return EXIT_NO_DATA
 
-    pngs = _write_pngs(runs, args.png) if args.png else {}
+    try:
+        pngs = _write_pngs(runs, args.png, args.per_run) if args.png else {}
+    except OSError as err:
+        print(f"{PROG}: cannot write --png {args.png}: {err.strerror or err}; pick a writable path", file=sys.stderr)
+        return EXIT_NO_DATA
     if args.json:
         json.dump(_report_json(runs, pngs), sys.stdout, indent=2, allow_nan=False)
         sys.stdout.write("\n")
@@ -152,13 +176,17 @@ def _png_path(base: str, run: RunHealth, several: bool) -> Path:
     return target.with_name(f"{target.stem}-{safe}{suffix}")
 
 
-def _write_pngs(runs: list[RunHealth], base: str) -> dict[str, str | None]:
+def _write_pngs(runs: list[RunHealth], base: str, per_run: bool) -> dict[str, str | None]:
+    """The comparison figure at ``base`` (key ``""``), and with ``per_run`` one panel per run next to it."""
+    from lightning_health.sinks.compare import save_comparison
     from lightning_health.sinks.panel import save_run_panel
 
-    written: dict[str, str | None] = {}
-    for run in runs:
-        path = _png_path(base, run, several=len(runs) > 1)
-        path.parent.mkdir(parents=True, exist_ok=True)
+    target = Path(base)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_comparison(runs, target)
+    written: dict[str, str | None] = {"": str(target)}
+    for run in runs if per_run else []:
+        path = _png_path(base, run, several=True)
         written[run.name] = str(path) if save_run_panel(run, path) else None
     return written
 
@@ -215,6 +243,8 @@ def _print_report(runs: list[RunHealth], pngs: dict[str, str | None], out: TextI
     if len(runs) > 1:
         out.write("\n")
         _print_comparison(runs, out)
+    if "" in pngs:
+        out.write(f"\nall runs side by side: {pngs['']}\n")
 
 
 def _comparison(runs: list[RunHealth], threshold: float) -> tuple[list[str], dict[str, dict[str, str]]]:
@@ -281,27 +311,50 @@ def _report_json(runs: list[RunHealth], pngs: dict[str, str | None]) -> dict[str
                 "first_nonfinite_step": first_nonfinite_step(run),
                 "logged_findings": [{"step": step, "text": text} for step, text in run.findings_text],
                 "png": pngs.get(run.name),
+                "status": status_series(run),
+                "problems": run.problems,
             }
         )
-    return _json_value({"dead_threshold": threshold, "runs": payload_runs})  # type: ignore[return-value]
+    return _json_value({"dead_threshold": threshold, "runs": payload_runs, "png": pngs.get("")})  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------------------------- demo
+
+
+def _writable_dir(path: Path) -> str | None:
+    """``None`` when ``path`` is (or can be made) a writable directory, else why not, in words."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".lightning_health_write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
 
 
 def _demo_command(args: argparse.Namespace) -> int:
     from lightning_health.offline.demo import PATIENTS, train_patient
 
     out_dir = Path(args.out)
+    why = _writable_dir(out_dir)
+    if why is not None:
+        print(f"{PROG}: cannot write the demo runs to --out {out_dir}: {why}; pick a writable folder", file=sys.stderr)
+        return EXIT_NO_DATA
     stream = sys.stdout
     stream.write(
-        "Two patients, one network: the same 8-16-16-16-16-4 ReLU MLP on the same 80 samples, plain SGD.\n"
+        f"{len(PATIENTS)} patients, one network: the same 8-16-16-16-16-4 ReLU MLP on the same 80 samples, "
+        "plain SGD.\n"
         f"Each is read by HealthMonitor at every step; TensorBoard runs go to {out_dir}/.\n"
     )
     for patient in PATIENTS:
         stream.write(f"\n>>> training the {patient.label} patient for {args.epochs} epochs\n")
         stream.flush()
-        run = train_patient(patient, out_dir, epochs=args.epochs, progress=not args.no_progress)
+        try:
+            run = train_patient(patient, out_dir, epochs=args.epochs, progress=not args.no_progress)
+        except OSError as err:
+            print(f"{PROG}: cannot write the demo runs to --out {out_dir}: {err}", file=sys.stderr)
+            return EXIT_NO_DATA
         report = run.monitor.report(
             f"{patient.label} | loss {run.final_loss:.3g}" if run.final_loss is not None else patient.label
         )
@@ -314,8 +367,8 @@ def _demo_command(args: argparse.Namespace) -> int:
         if not findings:
             stream.write(f"The {patient.name} run: nothing went wrong.\n")
     stream.write(
-        f"\nOpen both runs side by side:  tensorboard --logdir {out_dir}\n"
-        f"Or read them back here:       {PROG} report {out_dir} --png health.png\n"
+        f"\nOpen the runs side by side:  tensorboard --logdir {out_dir} --samples_per_plugin=scalars=0,images=0\n"
+        f"Or read them back here:      {PROG} report {out_dir} --png health.png\n"
     )
     return EXIT_OK
 

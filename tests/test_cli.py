@@ -146,10 +146,12 @@ def test_report_png_draws_one_panel_per_run(runs_dir: Path, tmp_path: Path, caps
     from matplotlib import colormaps
 
     target = tmp_path / "out" / "panel.png"
-    assert main(["report", str(runs_dir), "--png", str(target)]) == 0
+    assert main(["report", str(runs_dir), "--png", str(target), "--per-run"]) == 0
     out = capsys.readouterr().out
     files = sorted(p.name for p in target.parent.iterdir())
-    assert files == ["panel-healthy_version_0.png", "panel-sick_version_0.png"]
+    assert files == ["panel-healthy_version_0.png", "panel-sick_version_0.png", "panel.png"]
+    assert f"all runs side by side: {target}" in out
+    assert matplotlib.image.imread(target).shape[0] > 600  # the status row plus one row per run
     assert f"panel: {target.parent / 'panel-sick_version_0.png'}" in out
 
     image = matplotlib.image.imread(target.parent / "panel-sick_version_0.png")
@@ -216,3 +218,20 @@ def test_good_and_empty_paths_report_the_good_and_exit_2(
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert "report" in capsys.readouterr().out
+
+
+def test_png_to_an_unwritable_place_is_one_line_and_exit_2(runs_dir: Path, tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["report", str(runs_dir), "--png", str(blocker / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write --png" in err
+
+
+def test_truncated_event_file_warns_with_what_was_read(runs_dir: Path, capsys) -> None:
+    (events,) = (runs_dir / "sick" / "version_0").glob("*tfevents*")
+    data = events.read_bytes()
+    events.write_bytes(data[: len(data) - 7])
+    assert main(["report", str(runs_dir / "sick")]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "truncated" in err and "whole record(s)" in err and "up to step" in err

@@ -42,7 +42,7 @@ class Spike(nn.ReLU):
         y = super().forward(x)
         if self.spike:
             y = y.clone()
-            y[0, 0], y[0, 4], y[0, 8] = math.nan, math.inf, 1e6
+            y[0, 0], y[0, 4], y[0, 8] = math.nan, math.inf, 1e31
         return y
 
 
@@ -150,11 +150,16 @@ def test_nan_inf_and_out_of_range_values_are_counted_not_dropped(tmp_path):
     buckets = list(event.histogram_value.bucket)
     edges = np.array(event.histogram_value.bucket_limit)[:-1]
     assert buckets == _expected_counts(model.acts[4], edges)
-    assert buckets[-1] == 1  # 1e6 in the "above" bucket (the sample holds elements 0, 4, 8, ...)
+    assert buckets[-1] == 1  # 1e31 in the "above" bucket (the sample holds elements 0, 4, 8, ...)
     assert event.histogram_value.num == SAMPLES - 2  # NaN and +Inf left out of the histogram ...
     assert all(math.isfinite(x) for x in (*buckets, event.histogram_value.sum, event.histogram_value.max))
     scalars = read_tb_scalars(logger.log_dir)
     assert dict(scalars["health/nonfinite/net.1"])[4] == 2  # ... and counted exactly as a scalar
+    # the share beyond the edges is a scalar too: 1 of the 64 sampled values; the NaN makes the step critical
+    assert dict(scalars["health/act_out_of_range/net.1"])[4] == pytest.approx(1 / SAMPLES)
+    assert dict(scalars["health/act_out_of_range/net.1"])[2] == 0.0
+    assert dict(scalars["health/status"])[4] == 2 and dict(scalars["health/worst/nonfinite_layers"])[4] == 1
+    assert dict(scalars["health/worst/dead_fraction"])[4] == 1.0  # a NaN layer counts as the worst
 
 
 def test_tensorboard_panel_findings_and_heatmap(tmp_path):
@@ -170,14 +175,24 @@ def test_tensorboard_panel_findings_and_heatmap(tmp_path):
     assert [s for s, _ in scalars["health/act_std/net.1"]] == list(range(10))
     assert [s for s, _ in scalars["health/dead_fraction/net.1"]] == list(range(1, 10))  # window of 2
 
-    # The diagnosis panel: written once, dead fraction first, each chart overlays every layer's tag.
+    # The diagnosis panel: written once, the status line first, then one chart per layer, then per metric.
     (config,) = acc.Tensors("custom_scalars__config__")
     layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(config.tensor_proto).item())
-    panel = layout.category[0]
-    assert [c.title for c in panel.chart] == ["dead fraction", "saturation", "activation std", "gradient std"]
-    for chart, metric in zip(panel.chart, ["dead_fraction", "saturation", "act_std", "grad_std"]):
+    assert [c.title for c in layout.category][:3] == [
+        "health: status", "health: dead fraction per layer", "health: gradient std per layer"
+    ]  # fmt: skip
+    status = layout.category[0]
+    for chart, tag in zip(
+        status.chart, ["health/status", "health/worst/nonfinite_layers", "health/worst/dead_fraction"]
+    ):
         (regex,) = chart.multiline.tag
-        assert {t for t in scalars if re.search(regex, t)} == {f"health/{metric}/net.1"}
+        assert {t for t in scalars if re.search(regex, t)} == {tag}
+    (per_layer,) = layout.category[1].chart
+    assert per_layer.title == "1. net.1"
+    assert {t for t in scalars if re.search(per_layer.multiline.tag[0], t)} == {"health/dead_fraction/net.1"}
+    assert [s for s, _ in scalars["health/status"]] == list(range(10))
+    assert dict(scalars["health/status"])[1] == 2  # 62.5% dead: critical from step 1
+    np.testing.assert_allclose([v for _, v in scalars["health/worst/dead_fraction"]], [10 / 16] * 9)
 
     # Findings as Markdown text, written only when the diagnosis changed.
     texts = acc.Tensors("health/findings/text_summary")
@@ -193,6 +208,9 @@ def test_tensorboard_panel_findings_and_heatmap(tmp_path):
 
     last = np.asarray(Image.open(io.BytesIO(images[-1].encoded_image_string)).convert("RGB"))
     np.testing.assert_array_equal(last, render_heatmap(monitor.curves("dead_fraction"), ["net.1"]))
+    assert last.shape[1] >= 800  # a matplotlib figure at its natural size, not a thumbnail
+    # the findings are written once more at the end, "as of" the last step
+    assert texts[-1].step == 10 and "as of step 10" in bodies[-1]
 
 
 def test_dashboard_off_keeps_scalars_and_histograms_only(tmp_path):
@@ -272,7 +290,8 @@ def test_wandb_offline_run_holds_history_histograms_table_config_and_summary(tmp
     assert config["layers"] == ["net.1"] and config["every_n_steps"] == 2 and config["dead_window"] == 2
     summary = run["summary"]
     assert summary["health/final_dead_fraction/net.1"] == pytest.approx(10 / 16)
-    assert summary["health/worst_layer"] == "net.1" and summary["health/status"] == "critical"
+    assert summary["health/worst_layer"] == "net.1" and summary["health/status"] == 2
+    assert summary["health/verdict"] == "critical" and summary["health/nonfinite_layers"] == 0
     assert summary["health/n_critical_findings"] == 1
 
 
@@ -323,7 +342,7 @@ def test_raw_histogram_args_never_carry_nan_and_keep_the_open_ends():
 
 
 def test_panel_layout_follows_the_logger_prefix():
-    (regex,) = panel_layout("exp-")["health: diagnosis panel"]["dead fraction"][1]
+    (regex,) = panel_layout("exp-")["health: all layers per metric"]["dead fraction"][1]
     assert re.search(regex, "exp-health/dead_fraction/net.1")
     assert not re.search(regex, "health/dead_fraction/net.1") and not re.search(regex, "exp-health/val_dead_fraction/a")
 

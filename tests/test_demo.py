@@ -26,24 +26,40 @@ def _load_example(name: str) -> ModuleType:
 
 
 @pytest.mark.slow
-def test_demo_diagnoses_the_sick_patient(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_shows_healthy_dying_and_exploding(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "runs"
-    assert main(["demo", "--out", str(out), "--epochs", "1", "--no-progress"]) == 0
+    assert main(["demo", "--out", str(out), "--epochs", "2", "--no-progress"]) == 0
     text = capsys.readouterr().out
-    healthy, sick = text.split(">>> training the sick")
+    healthy, rest = text.split(">>> training the dying")
+    dying, exploding = rest.split(">>> training the exploding")
     assert "The healthy run: nothing went wrong." in healthy
-    assert "What went wrong in the sick run:" in sick
+    assert "units died in" in dying and "NaN/Inf" not in dying  # dies with every value finite
     # with N(0,1) weights and lr 0.8 the gradients explode at step 1 and the values are NaN by step 3
-    assert "from step 1: gradients exploded in net.1" in sick
-    assert "values turned NaN/Inf in net.1, net.3, net.5, net.7" in sick
-    assert "units died in" in sick
+    assert "from step 1: gradients exploded in net.1" in exploding
+    assert "values turned NaN/Inf in net.1, net.3, net.5, net.7" in exploding
     assert f"tensorboard --logdir {out}" in text
-    assert sorted(p.name for p in out.iterdir()) == ["healthy", "sick"]
+    assert sorted(p.name for p in out.iterdir()) == ["dying", "exploding", "healthy"]
 
-    # the runs it wrote read back into the same diagnosis
+    # the runs it wrote read back into the same diagnosis, and the status line tells them apart
+    from lightning_health.offline.event_reader import read_runs
+
+    runs = {run.name: run for run in read_runs(out)}
+    last = {name: run.status["status"][-1][1] for name, run in runs.items()}
+    assert last == {"healthy": 0.0, "dying": 2.0, "exploding": 2.0}
+    assert runs["dying"].status["worst/nonfinite_layers"][-1][1] == 0
+    assert runs["dying"].status["worst/dead_fraction"][-1][1] > 0.5
+    assert runs["exploding"].status["worst/nonfinite_layers"][-1][1] == 4
     assert main(["report", str(out)]) == 0
     report = capsys.readouterr().out
     assert "values turned NaN/Inf in net.1, net.3, net.5, net.7" in report
+
+
+def test_demo_into_a_read_only_folder_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["demo", "--out", str(blocker / "runs"), "--epochs", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write the demo runs" in err
 
 
 def test_demo_rejects_bad_epochs(capsys: pytest.CaptureFixture[str]) -> None:

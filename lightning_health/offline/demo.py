@@ -1,9 +1,11 @@
-"""The demo: train the two patients of :mod:`lightning_health.offline.patients` and say what the monitor found.
+"""The demo: train the patients of :mod:`lightning_health.offline.patients` and say what the monitor found.
 
-The same 8-16-16-16-16-4 ReLU MLP on the same 80 synthetic samples, trained with plain SGD twice:
-healthy (Kaiming initialisation, learning rate 0.05) and sick (N(0, 1) initialisation, learning rate
-0.8). Each run gets a :class:`~lightning_health.HealthMonitor` and its own TensorBoard run under
-``out_dir/<name>``; ``lightning-health demo`` prints each run's chart and findings.
+The same 8-16-16-16-16-4 ReLU MLP on the same 80 synthetic samples, trained with plain SGD three
+times, one run per disease the dashboards are for: healthy (Kaiming initialisation, learning rate
+0.05), dying (Kaiming, lr 0.2, a bias penalty of the wrong sign: units die one after another, no NaN)
+and exploding (N(0, 1) initialisation, lr 0.8: NaN from step 3). Each run gets a
+:class:`~lightning_health.HealthMonitor` and its own TensorBoard run under ``out_dir/<name>``;
+``lightning-health demo`` prints each run's chart and findings.
 """
 
 from __future__ import annotations
@@ -24,17 +26,21 @@ class Patient:
     name: str
     init: Literal["kaiming", "normal"]
     lr: float
+    bias_pull: float = 0.0
 
     @property
     def label(self) -> str:
-        """For example ``"sick (N(0,1) init, lr 0.8)"``."""
+        """For example ``"exploding (N(0,1) init, lr 0.8)"``."""
         init = "Kaiming init" if self.init == "kaiming" else "N(0,1) init"
-        return f"{self.name} ({init}, lr {self.lr:g})"
+        pull = f", bias pull {self.bias_pull:g}" if self.bias_pull else ""
+        return f"{self.name} ({init}, lr {self.lr:g}{pull})"
 
 
 HEALTHY = Patient("healthy", "kaiming", 0.05)
-SICK = Patient("sick", "normal", 0.8)
-PATIENTS: tuple[Patient, ...] = (HEALTHY, SICK)
+DYING = Patient("dying", "kaiming", 0.2, bias_pull=1.5)
+EXPLODING = Patient("exploding", "normal", 0.8)
+SICK = EXPLODING  # the name of the exploding patient before the demo had three
+PATIENTS: tuple[Patient, ...] = (HEALTHY, DYING, EXPLODING)
 
 
 @dataclass
@@ -94,7 +100,8 @@ def train_patient(
         num_sanity_val_steps=0,
     )
     train_loader, val_loader = patient_loaders(batch_size=batch_size)
-    trainer.fit(PatientMLP(init=patient.init, lr=patient.lr, seed=seed), train_loader, val_loader)
+    model = PatientMLP(init=patient.init, lr=patient.lr, seed=seed, bias_pull=patient.bias_pull)
+    trainer.fit(model, train_loader, val_loader)
     loss = trainer.callback_metrics.get("train_loss")
     return PatientRun(
         patient=patient,

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lightning_health.offline.event_check import damaged_event_files
+
 _TENSORBOARD_AVAILABLE: bool
 try:
     from tensorboard.backend.event_processing import event_accumulator as _event_accumulator  # noqa: F401
@@ -39,6 +41,8 @@ FINDINGS_TAG = "health/findings"
 # followed by ``health/<metric>/<layer>``. Metric names have no slash; layer names are module qualified
 # names and are taken verbatim (everything after the second slash).
 _SCALAR_TAG = re.compile(r"^(?:[^/]*-)?health/(?P<metric>[^/]+)/(?P<layer>.+)$")
+# The run's status line: not per layer (see lightning_health.sinks.status).
+_STATUS_TAG = re.compile(r"^(?:[^/]*-)?health/(?P<key>status|worst/[^/]+)$")
 
 
 def split_health_tag(tag: str) -> tuple[str, str] | None:
@@ -52,7 +56,7 @@ def split_health_tag(tag: str) -> tuple[str, str] | None:
         (``epoch``, ``train_loss``, the ``health/findings`` text, ...).
     """
     match = _SCALAR_TAG.match(tag)
-    if match is None:
+    if match is None or _STATUS_TAG.match(tag):
         return None
     return match.group("metric"), match.group("layer")
 
@@ -67,12 +71,17 @@ class RunHealth:
         curves: ``{metric: {layer: [(step, value), ...]}}`` with steps ascending. Layers are in the
             order they were first written, which is the model's module order for the core's logging.
         findings_text: Every ``health/findings`` text written during the run as ``(step, text)``.
+        status: The run's status line, ``{"status": [...], "worst/dead_fraction": [...], ...}`` (the
+            ``health/status`` and ``health/worst/*`` scalars, see :mod:`lightning_health.sinks.status`).
+        problems: One line per event file that is truncated or corrupt, saying what was read.
     """
 
     name: str
     path: Path
     curves: Curves = field(default_factory=dict)
     findings_text: list[tuple[int, str]] = field(default_factory=list)
+    status: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
 
     @property
     def layers(self) -> list[str]:
@@ -156,13 +165,17 @@ def read_run(run_dir: str | os.PathLike[str], name: str | None = None) -> RunHea
     tags = accumulator.Tags()
 
     curves: Curves = {}
+    status: dict[str, list[tuple[int, float]]] = {}
     for tag in tags.get(event_accumulator.SCALARS, []):
+        status_key = _status_key(tag)
         parsed = split_health_tag(tag)
-        if parsed is None:
+        if status_key is None and parsed is None:
             continue
-        metric, layer = parsed
-        by_step = {event.step: float(event.value) for event in accumulator.Scalars(tag)}
-        curves.setdefault(metric, {})[layer] = sorted(by_step.items())
+        by_step = sorted({event.step: float(event.value) for event in accumulator.Scalars(tag)}.items())
+        if status_key is not None:
+            status[status_key] = by_step
+        elif parsed is not None:
+            curves.setdefault(parsed[0], {})[parsed[1]] = by_step
 
     findings: list[tuple[int, str]] = []
     for tag in tags.get(event_accumulator.TENSORS, []):
@@ -173,7 +186,15 @@ def read_run(run_dir: str | os.PathLike[str], name: str | None = None) -> RunHea
             if text is not None:
                 findings.append((event.step, text))
     findings.sort(key=lambda item: item[0])
-    return RunHealth(name=name or run_path.name, path=run_path, curves=curves, findings_text=findings)
+    run = RunHealth(name=name or run_path.name, path=run_path, curves=curves, findings_text=findings, status=status)
+    for check in damaged_event_files(run_path):
+        read = f"read {check.records} whole record(s) before it"
+        last = run.last_step
+        run.problems.append(
+            f"{check.path.name} is {check.problem}; {read}"
+            + (f", health readings up to step {last}" if last is not None else "")
+        )
+    return run
 
 
 def read_path(path: str | os.PathLike[str]) -> list[RunHealth]:
@@ -218,6 +239,12 @@ def _run_name(root: Path, run_dir: Path) -> str:
     if run_dir == base:
         return run_dir.resolve().name
     return run_dir.relative_to(base).as_posix()
+
+
+def _status_key(tag: str) -> str | None:
+    """``"status"`` for ``health/status``, ``"worst/<reading>"`` for ``health/worst/<reading>`` (any logger prefix)."""
+    match = _STATUS_TAG.match(tag)
+    return match.group("key") if match else None
 
 
 def _is_findings_tag(tag: str) -> bool:

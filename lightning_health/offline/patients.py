@@ -1,8 +1,15 @@
-"""The two patients: one small ReLU MLP, trained healthy and trained sick, on one synthetic task.
+"""The patients: one small ReLU MLP on one synthetic task, dosed to stay healthy or to fall ill.
 
-Used by the demo, the examples and the tests. The healthy patient gets He (Kaiming) initialisation
-and lr 0.05; the sick one gets N(0, 1) weights and lr 0.8. Same 8-16-16-16-16-4 network, same 80
-samples, same seed; only the dosing differs.
+Used by the demo, the examples and the tests. Same 8-16-16-16-16-4 network, same 80 samples, same
+seed; only the dosing differs:
+
+- healthy: He (Kaiming) initialisation, lr 0.05;
+- dying: Kaiming initialisation, lr 0.2 and ``bias_pull=1.5``, a regulariser that adds
+  ``1.5 * sum(hidden biases)`` to the loss (the sign error of a bias penalty): every step drags the
+  biases down, units stop firing one after another and the dead fraction climbs to 1.0, with every
+  value finite;
+- exploding (the ``sick`` patient of the earlier demo): N(0, 1) weights and lr 0.8: the gradients
+  explode at step 1 and the values are NaN from step 3.
 """
 
 from __future__ import annotations
@@ -44,11 +51,20 @@ class PatientMLP(pl.LightningModule):
         init: ``"kaiming"`` (healthy) or ``"normal"`` (N(0, 1) weights and biases: sick).
         lr: the SGD learning rate.
         seed: the initialisation seed.
+        bias_pull: adds ``bias_pull * sum(hidden-layer biases)`` to the training loss, a steady
+            downward drift of the biases that kills ReLU units with no NaN (``0``: none).
     """
 
-    def __init__(self, init: Literal["kaiming", "normal"] = "kaiming", lr: float = 0.05, seed: int = 11) -> None:
+    def __init__(
+        self,
+        init: Literal["kaiming", "normal"] = "kaiming",
+        lr: float = 0.05,
+        seed: int = 11,
+        bias_pull: float = 0.0,
+    ) -> None:
         super().__init__()
         self.lr = lr
+        self.bias_pull = bias_pull
         g = torch.Generator().manual_seed(seed)
         layers: list[nn.Module] = []
         for i, (fan_in, fan_out) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:])):
@@ -74,6 +90,9 @@ class PatientMLP(pl.LightningModule):
         x, y = batch
         loss = nn.functional.cross_entropy(self(x), y)
         self.log("train_loss", loss, prog_bar=True)
+        if self.bias_pull:
+            hidden = [m for m in self.net[:-1] if isinstance(m, nn.Linear)]
+            loss = loss + self.bias_pull * sum(m.bias.sum() for m in hidden)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

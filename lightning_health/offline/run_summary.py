@@ -116,3 +116,26 @@ def course_of_disease(findings: Sequence[FindingLike]) -> list[str]:
             where = ", ".join(f"{f.layer} (step {f.step})" for f in group)
         lines.append(f"from step {onset}: {_KIND_WORDS.get(kind, kind)} in {where}")
     return lines
+
+
+def status_series(run: RunHealth) -> dict[str, list[tuple[int, float]]]:
+    """The run's status line over time: ``{"status": [...], "worst/dead_fraction": [...], ...}``.
+
+    The logged ``health/status`` and ``health/worst/*`` scalars when the run has them; for runs logged
+    before they existed, ``worst/*`` is rebuilt from the per-layer curves (and ``status`` is left out:
+    the live findings are not in the event files).
+    """
+    if run.status:
+        return dict(run.status)
+    from lightning_health.sinks.status import worst_readings
+
+    by_step: dict[int, dict[str, dict[str, float]]] = {}
+    for metric, per_layer in run.curves.items():
+        for layer, points in per_layer.items():
+            for step, value in points:
+                by_step.setdefault(step, {}).setdefault(layer, {})[metric] = value
+    out: dict[str, list[tuple[int, float]]] = {}
+    for step in sorted(by_step):
+        for name, value in worst_readings(by_step[step]).items():
+            out.setdefault(f"worst/{name}", []).append((step, value))
+    return out

@@ -104,9 +104,10 @@ class SinkSet:
     def write(self, step: int, scalars: Mapping[str, float], histograms: Mapping[str, Histogram]) -> None:
         self._call("write", step, scalars, histograms)
 
-    def findings(self, step: int, findings: Sequence[Finding]) -> None:
+    def findings(self, step: int, findings: Sequence[Finding], force: bool = False) -> None:
+        """Pass the diagnosis on when it changed, or when ``force`` (the end of training: "as of" the last step)."""
         state = tuple((f.layer, f.kind, f.severity, f.step, f.active) for f in findings)
-        if state == self._diagnosis:
+        if state == self._diagnosis and not force:
             return
         self._diagnosis = state
         self._call("findings", step, list(findings))

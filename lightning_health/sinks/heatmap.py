@@ -1,9 +1,12 @@
 """The dead-fraction heatmap: one picture of the whole run, layers x sampled steps, as an RGB array.
 
-Pure NumPy (no matplotlib at training time). Rows are layers in forward order, columns are
-sampled steps, colour is the reading (inferno: black = 0, pale yellow = 1), grey where a layer has
-no reading yet (the dead window is still filling). Layer names and the step range are drawn with a
-built-in 3x5 pixel font, so the image explains itself in TensorBoard's and W&B's image panels.
+Rows are layers in forward order, columns are sampled steps, colour is the reading (inferno:
+black = 0, pale yellow = 1), light grey where a layer has no reading yet (the dead window is still
+filling) and blue where the reading is NaN or the layer's values were NaN/Inf at that step, so a run
+gone NaN never looks healthy. With matplotlib installed the picture is a figure at its natural
+size (about 900 pixels wide): layer names, step numbers on the axis, a colour bar and a legend for
+the NaN and missing cells (:mod:`lightning_health.sinks.heatmap_figure`, Agg canvas, no display).
+Without it, a NumPy fallback draws the same cells with a built-in pixel font.
 
 Example:
     >>> rgb = render_heatmap({"net.1": [(0, 0.0), (10, 0.5)], "net.3": [(10, 1.0)]})
@@ -21,7 +24,8 @@ import numpy as np
 # Inferno colour map anchors (perceptually uniform, readable when printed in grey).
 _ANCHORS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
 _COLOURS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float64)
-_MISSING = (128, 128, 128)
+_MISSING = (200, 200, 200)
+_BROKEN = (30, 144, 255)  # NaN/Inf: a blue that inferno never takes
 _BACKGROUND = (255, 255, 255)
 _INK = (40, 40, 40)
 
@@ -75,6 +79,41 @@ def colourise(values: np.ndarray) -> np.ndarray:
     return out
 
 
+def heatmap_cells(
+    curves: Mapping[str, Sequence[tuple[int, float]]],
+    layers: Sequence[str] | None = None,
+    max_columns: int = 120,
+    nonfinite: Mapping[str, Sequence[tuple[int, float]]] | None = None,
+) -> tuple[list[str], list[int], np.ndarray, np.ndarray]:
+    """:func:`heatmap_grid` plus a ``broken`` mask: the cells whose reading was NaN/Inf or whose layer
+    counted NaN/Inf values (``nonfinite``: the ``nonfinite`` curves, ``{layer: [(step, count)]}``).
+
+    Layers that only have ``nonfinite`` readings get a row too (their dead fraction never came).
+    """
+    nonfinite = nonfinite or {}
+    broken_points = {
+        name: [s for s, v in pts if v != 0] for name, pts in nonfinite.items() if any(v != 0 for _, v in pts)
+    }
+    merged = dict(curves)
+    for name in broken_points:
+        merged.setdefault(name, [])
+    order = list(layers or []) + [n for n in curves if n not in (layers or [])]
+    names, steps_, grid = heatmap_grid(
+        {n: list(merged[n]) + [(s, math.nan) for s in broken_points.get(n, [])] for n in merged}, order, max_columns
+    )
+    broken = np.zeros(grid.shape, dtype=bool)
+    if not steps_:
+        return names, steps_, grid, broken
+    all_steps = sorted({int(s) for n in names for s, _ in merged[n]} | {s for v in broken_points.values() for s in v})
+    per_column = max(1, math.ceil(len(all_steps) / max_columns))
+    column_of = {step: i // per_column for i, step in enumerate(all_steps)}
+    for row, name in enumerate(names):
+        bad = [s for s, v in merged[name] if not math.isfinite(v)] + broken_points.get(name, [])
+        for step in bad:
+            broken[row, column_of[int(step)]] = True
+    return names, steps_, grid, broken
+
+
 def heatmap_grid(
     curves: Mapping[str, Sequence[tuple[int, float]]],
     layers: Sequence[str] | None = None,
@@ -110,8 +149,8 @@ def render_heatmap(
     *,
     title: str = "dead fraction - layers x sampled steps",
     max_columns: int = 120,
-    row_height: int = 14,
-    max_label: int = 28,
+    nonfinite: Mapping[str, Sequence[tuple[int, float]]] | None = None,
+    use_matplotlib: bool | None = None,
 ) -> np.ndarray:
     """Render ``{layer: [(step, value in [0, 1]), ...]}`` as an ``H x W x 3`` uint8 image.
 
@@ -120,10 +159,31 @@ def render_heatmap(
         layers: row order (forward order); layers missing from it follow in ``curves`` order.
         title: drawn at the top.
         max_columns: at most this many step columns (see :func:`heatmap_grid`).
-        row_height: pixels per layer row.
-        max_label: layer names longer than this are shortened from the left.
+        nonfinite: the ``nonfinite`` curves: cells where a layer counted NaN/Inf values are drawn blue.
+        use_matplotlib: ``None`` (default) uses matplotlib when it is installed; ``False`` forces the
+            NumPy fallback.
     """
-    names, col_steps, grid = heatmap_grid(curves, layers, max_columns)
+    cells = heatmap_cells(curves, layers, max_columns, nonfinite)
+    if use_matplotlib is None:
+        from lightning_health.sinks.panel import _MATPLOTLIB_AVAILABLE as use_matplotlib
+    if use_matplotlib:
+        from lightning_health.sinks.heatmap_figure import heatmap_figure_rgb
+
+        return heatmap_figure_rgb(*cells, title=title)
+    return _render_numpy(*cells, title=title)
+
+
+def _render_numpy(
+    names: list[str],
+    col_steps: list[int],
+    grid: np.ndarray,
+    broken: np.ndarray,
+    *,
+    title: str,
+    row_height: int = 14,
+    max_label: int = 28,
+) -> np.ndarray:
+    """The fallback without matplotlib: cells, layer names and the step range in a pixel font."""
     n_rows, n_cols = grid.shape
     pad, line = 8, _GLYPH_H * _SCALE
     labels = [n if len(n) <= max_label else ".." + n[-(max_label - 2) :] for n in names]
@@ -132,13 +192,17 @@ def render_heatmap(
     grid_w, grid_h = max(n_cols, 1) * cell_w, max(n_rows, 1) * row_height
     ramp_w = 96
     footer = f"step {col_steps[0]}" if col_steps else "no readings yet"
-    width = max(pad + label_w + grid_w + pad, 3 * pad + text_width(title) + ramp_w + 2 * text_width("0") + pad)
+    width = max(
+        pad + label_w + grid_w + pad,
+        3 * pad + text_width(title) + ramp_w + 2 * text_width("0") + text_width("NAN") + 3 * pad + 2 * line,
+    )
     height = pad + line + pad + grid_h + pad + line + pad
     img = np.full((height, width, 3), _BACKGROUND, dtype=np.uint8)
     draw_text(img, pad, pad, title)
     top, left = pad + line + pad, pad + label_w
     if n_cols:
         cells = colourise(grid)
+        cells[broken] = _BROKEN
         img[top : top + grid_h, left : left + grid_w] = np.repeat(np.repeat(cells, row_height, 0), cell_w, 1)
         for row in range(1, n_rows):  # thin separators between layers
             img[top + row * row_height - 1, left : left + grid_w] = _BACKGROUND
@@ -155,4 +219,8 @@ def render_heatmap(
     img[pad : pad + line, x0 : x0 + ramp_w] = colourise(np.linspace(0.0, 1.0, ramp_w))[None, :, :]
     draw_text(img, x0 - pad // 2 - text_width("0"), pad, "0")
     draw_text(img, x1, pad, "1")
+    if broken.any():  # a legend swatch for NaN, left of the ramp
+        nx = x0 - pad - text_width("0") - text_width("NAN") - line - pad
+        img[pad : pad + line, nx : nx + line] = _BROKEN
+        draw_text(img, nx + line + _SCALE, pad, "NAN")
     return img

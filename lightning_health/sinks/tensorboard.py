@@ -12,33 +12,18 @@ raises on NaN); values outside the edges sit in two open-end buckets, so nothing
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lightning_health.sinks.base import Histogram, SinkBase
 from lightning_health.sinks.format import findings_markdown
+from lightning_health.sinks.layout import panel_layout
 
 if TYPE_CHECKING:
     import numpy as np
 
     from lightning_health.diagnosis import Finding
 
-# The diagnosis panel: one multiline chart per metric, every layer overlaid, most telling first.
-PANEL_CHARTS = (
-    ("dead fraction", "dead_fraction"),
-    ("saturation", "saturation"),
-    ("activation std", "act_std"),
-    ("gradient std", "grad_std"),
-)
-MORE_CHARTS = (
-    ("validation dead fraction", "val_dead_fraction"),
-    ("zero fraction", "zero_fraction"),
-    ("activation mean", "act_mean"),
-    ("activation gradient norm", "grad_norm"),
-    ("parameter gradient norm", "param_grad_norm"),
-    ("non-finite activations", "nonfinite"),
-)
 FINDINGS_TAG = "health/findings"
 
 
@@ -51,16 +36,6 @@ def tag_prefix(logger: Any) -> str:
     """What a Lightning logger puts before every metric name (``TensorBoardLogger(prefix=...)``)."""
     prefix = getattr(logger, "_prefix", "") or ""
     return f"{prefix}{getattr(logger, 'LOGGER_JOIN_CHAR', '-')}" if prefix else ""
-
-
-def panel_layout(prefix: str = "") -> dict[str, dict[str, list[Any]]]:
-    """The custom-scalars layout: ``{category: {chart title: ["Multiline", [tag regex]]}}``."""
-    start = "^" + re.escape(prefix)
-
-    def charts(spec: Sequence[tuple[str, str]]) -> dict[str, list[Any]]:
-        return {title: ["Multiline", [rf"{start}health/{metric}/"]] for title, metric in spec}
-
-    return {"health: diagnosis panel": charts(PANEL_CHARTS), "health: more": charts(MORE_CHARTS)}
 
 
 def raw_histogram_args(hist: Histogram) -> dict[str, Any]:
@@ -139,7 +114,7 @@ class TensorBoardSink(SinkBase):
 
     def start(self, settings: Mapping[str, Any], layers: Sequence[str]) -> None:
         if settings.get("dashboard", True):
-            self.writer.add_custom_scalars(panel_layout(tag_prefix(self.logger)))
+            self.writer.add_custom_scalars(panel_layout(tag_prefix(self.logger), layers))
 
     def write(self, step: int, scalars: Mapping[str, float], histograms: Mapping[str, Histogram]) -> None:
         """One event per sampled step holding every scalar and histogram.

@@ -3,7 +3,10 @@ config and summary, so runs can be filtered, grouped and compared in the W&B UI.
 
 Everything goes through the logger's ``log_metrics`` (as Lightning's own ``log_table``/``log_image``
 do), which adds ``trainer/global_step`` to each record; ``health/*`` is defined against that step,
-so health panels line up with the loss curves. Only rank zero has sinks (see ``HealthMonitor.setup``),
+so health panels line up with the loss curves. W&B draws one chart per logged key, so the sink also
+logs ``health/charts/<metric>``: one ``wandb.plot.line_series`` per key reading with every layer
+overlaid (a line per layer, named in the legend), refreshed every ``chart_every`` sampled steps and at
+the end of training. Only rank zero has sinks (see ``HealthMonitor.setup``),
 and nothing here talks to other ranks.
 """
 
@@ -24,6 +27,13 @@ if TYPE_CHECKING:
 _WANDB_AVAILABLE = importlib.util.find_spec("wandb") is not None
 STEP_METRIC = "trainer/global_step"
 CONFIG_KEY = "lightning_health"
+CHART_PREFIX = "health/charts/"
+#: ``(metric, chart title)`` of the overlaid per-layer charts.
+CHART_METRICS = (
+    ("dead_fraction", "dead fraction per layer"),
+    ("grad_std", "gradient std per layer"),
+    ("act_std", "activation std per layer"),
+)
 
 
 def is_wandb_logger(logger: Any) -> bool:
@@ -83,8 +93,12 @@ class WandbSink(SinkBase):
 
     takes_images = True
 
-    def __init__(self, logger: Any) -> None:
+    def __init__(self, logger: Any, chart_every: int = 10, max_points: int = 500) -> None:
         self.logger = logger
+        self.chart_every = chart_every
+        self.max_points = max_points
+        self._series: dict[str, dict[str, list[tuple[int, float]]]] = {metric: {} for metric, _ in CHART_METRICS}
+        self._writes = 0
 
     @property
     def run(self) -> Any:
@@ -102,8 +116,41 @@ class WandbSink(SinkBase):
         for tag, hist in histograms.items():
             if sum(hist.counts[:-1]) > 0:
                 record[tag] = wandb_histogram(hist)
+        self._remember(step, scalars)
+        self._writes += 1
+        if self._writes % self.chart_every == 0:
+            record.update(self.charts())
         if record:
             self.logger.log_metrics(record, step=step)
+
+    def _remember(self, step: int, scalars: Mapping[str, float]) -> None:
+        for metric, per_layer in self._series.items():
+            start = f"health/{metric}/"
+            for tag, value in scalars.items():
+                if tag.startswith(start):
+                    points = per_layer.setdefault(tag[len(start) :], [])
+                    points.append((step, value))
+                    if len(points) > self.max_points:  # keep every other older point: bounded, whole run
+                        points[:] = points[: -self.max_points // 2 : 2] + points[-self.max_points // 2 :]
+
+    def charts(self) -> dict[str, Any]:
+        """``{"health/charts/<metric>": wandb.plot.line_series}`` for the key readings seen so far."""
+        import math
+
+        wandb = _wandb()
+        out = {}
+        for metric, title in CHART_METRICS:
+            per_layer = {layer: points for layer, points in self._series[metric].items() if points}
+            if not per_layer:
+                continue
+            out[CHART_PREFIX + metric] = wandb.plot.line_series(
+                xs=[[s for s, _ in points] for points in per_layer.values()],
+                ys=[[v if math.isfinite(v) else None for _, v in points] for points in per_layer.values()],
+                keys=list(per_layer),
+                title=title,
+                xname="trainer/global_step",
+            )
+        return out
 
     def findings(self, step: int, findings: Sequence[Finding]) -> None:
         table = _wandb().Table(columns=list(FINDING_COLUMNS), data=finding_rows(findings))
@@ -115,4 +162,7 @@ class WandbSink(SinkBase):
         self.logger.log_metrics({tag: image}, step=step)
 
     def finish(self, step: int, summary: Mapping[str, Any]) -> None:
+        charts = self.charts()
+        if charts:
+            self.logger.log_metrics(charts, step=step)
         self.run.summary.update(dict(summary))

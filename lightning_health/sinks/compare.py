@@ -1,0 +1,98 @@
+"""The comparison figure of ``lightning-health report --png``: every run's panel charts side by side.
+
+Top row: the status line (``health/status`` and the worst-layer readings), one line per run, so a
+healthy and a sick run differ in one look. Below, one row per run: its dead fraction per layer (a
+colour per layer, named in the legend) and its layer x step heatmap (NaN/Inf cells in blue). Object
+API on an Agg canvas, as :mod:`lightning_health.sinks.panel`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from lightning_health.offline.event_reader import RunHealth
+
+#: ``(key in the status series, chart title)`` of the top row.
+STATUS_CHARTS = (
+    ("status", "status (0 ok, 1 warning, 2 critical)"),
+    ("worst/nonfinite_layers", "layers with NaN/Inf"),
+    ("worst/dead_fraction", "worst dead fraction"),
+    ("worst/grad_std_ratio", "gradient std ratio (smallest/largest)"),
+)
+
+
+def comparison_figure(runs: Sequence[RunHealth]) -> Figure:
+    """Draw every run (see the module docstring).
+
+    Raises:
+        ModuleNotFoundError: If matplotlib is not installed.
+    """
+    from lightning_health.sinks.panel import _MATPLOTLIB_AVAILABLE, _layer_colours
+
+    if not _MATPLOTLIB_AVAILABLE:
+        raise ModuleNotFoundError("Drawing the report needs `matplotlib`; pip install 'lightning_health[plot]'")
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from lightning_health.offline.run_summary import status_series
+    from lightning_health.sinks.heatmap import heatmap_cells
+    from lightning_health.sinks.heatmap_figure import cell_colours
+
+    figure = Figure(figsize=(18.0, 3.4 * (1 + len(runs))), dpi=90, layout="constrained")
+    FigureCanvasAgg(figure)
+    grid = figure.add_gridspec(1 + len(runs), 4)
+    run_colours = [colormaps["tab10"](i % 10) for i in range(len(runs))]
+    series = [status_series(run) for run in runs]
+    for column, (key, title) in enumerate(STATUS_CHARTS):
+        axes = figure.add_subplot(grid[0, column])
+        for run, per_run, colour in zip(runs, series, run_colours):
+            points = per_run.get(key, [])
+            if points:
+                axes.plot([s for s, _ in points], [v for _, v in points], color=colour, linewidth=2, label=run.name)
+        axes.set_title(title, fontsize=10)
+        axes.set_xlabel("step")
+        axes.grid(True, alpha=0.3)
+        if column == 0:
+            axes.legend(fontsize="small", loc="best")
+            axes.set_yticks([0, 1, 2], labels=["ok", "warning", "critical"])
+            axes.set_ylim(-0.2, 2.2)
+    for row, run in enumerate(runs, start=1):
+        curves = run.curves.get("dead_fraction", {})
+        lines = figure.add_subplot(grid[row, :2])
+        layers = list(curves)
+        for layer, colour in zip(layers, _layer_colours(len(layers))):
+            points = curves[layer]
+            ys = [v if math.isfinite(v) else np.nan for _, v in points]
+            lines.plot([s for s, _ in points], ys, color=colour, linewidth=1.8, label=layer)
+        lines.set_ylim(-0.03, 1.03)
+        lines.set_title(f"{run.name}: dead fraction per layer", fontsize=10)
+        lines.set_xlabel("step")
+        lines.grid(True, alpha=0.3)
+        if layers:
+            lines.legend(fontsize="x-small", loc="best", ncol=1 if len(layers) <= 10 else 2)
+        heat = figure.add_subplot(grid[row, 2:])
+        names, steps, values, broken = heatmap_cells(curves, layers, 120, run.curves.get("nonfinite", {}))
+        if values.size:
+            heat.imshow(cell_colours(values, broken), aspect="auto", interpolation="nearest")
+            heat.set_yticks(range(len(names)), labels=names, fontsize="x-small")
+            ticks = np.unique(np.linspace(0, values.shape[1] - 1, num=min(values.shape[1], 8)).round().astype(int))
+            heat.set_xticks(ticks, labels=[str(steps[i]) for i in ticks])
+        else:
+            heat.text(0.5, 0.5, "no dead-fraction readings", ha="center", va="center", transform=heat.transAxes)
+        heat.set_title(f"{run.name}: layer x step (black alive, yellow dead, blue NaN/Inf)", fontsize=10)
+        heat.set_xlabel("step")
+    return figure
+
+
+def save_comparison(runs: Sequence[RunHealth], path: str | os.PathLike[str]) -> None:
+    """Write :func:`comparison_figure` to ``path`` as PNG."""
+    comparison_figure(runs).savefig(os.fspath(path), format="png")
