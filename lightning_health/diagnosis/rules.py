@@ -171,6 +171,9 @@ def gradient_flow_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tupl
         return set(), []
     limit = ctx.thresholds.flow_gain
     before = ctx.previous.get(layer, "the layer before it")
+    if gain <= 0:
+        message = f"no gradient gets back from {layer} to {before}: it stops entirely on the way"
+        return {"gradient_flow"}, [("gradient_flow", "warning", message, gain)]
     if gain < 1 / limit:
         message = f"gradient norm shrinks {1 / gain:.3g}x on its way back from {layer} to {before}"
         return {"gradient_flow"}, [("gradient_flow", "warning", message, gain)]
