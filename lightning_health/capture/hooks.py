@@ -35,6 +35,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_health.capture.selection import MonitoredLayer, activation_profile
 from lightning_health.readings import kernels
 from lightning_health.readings import reductions as R
+from lightning_health.readings.collapse import unit_moments
 from lightning_health.readings.dormancy import unit_abs_sums, unit_counts
 
 
@@ -58,6 +59,8 @@ class StepBuffers:
     calls: int = 0  # forward calls in the current micro-batch (the slot of the next call)
     abs_sums: dict[int, Tensor] = dataclasses.field(default_factory=dict)  # slot -> float64[units] (dormancy)
     abs_counts: dict[int, int] = dataclasses.field(default_factory=dict)  # slot -> values per unit summed
+    moments: dict[int, Tensor] = dataclasses.field(default_factory=dict)  # slot -> float64[2 * units] (collapse)
+    moment_counts: dict[int, int] = dataclasses.field(default_factory=dict)  # slot -> values per unit summed
 
     def clear(self) -> None:
         self.act = self.grad = self.act_hist = self.grad_hist = None
@@ -65,6 +68,8 @@ class StepBuffers:
         self.calls = 0
         self.abs_sums = {}
         self.abs_counts = {}
+        self.moments = {}
+        self.moment_counts = {}
 
 
 def first_tensor(output: Any) -> Tensor | None:
@@ -151,6 +156,8 @@ class Capture:
         self._handles: list[RemovableHandle] = []
         self._broken: set[int] = set()
         self.track_abs = False  # also sum |activation| per unit on training steps (dormancy readings)
+        self.track_moments = True  # per-unit sum and sum of squares on training steps (collapse reading)
+        self.reported: set[int] = set()  # layers read at least once since the last reset (this pass/step)
 
     # -- lifetime -------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -180,6 +187,7 @@ class Capture:
         """Forget everything gathered (start of a sampled step or of a validation pass)."""
         for buf in self.buffers:
             buf.clear()
+        self.reported = set()
 
     def new_batch(self) -> None:
         """Restart call-slot numbering: the k-th call of a module in each batch shares slot k."""
@@ -229,6 +237,7 @@ class Capture:
         fired = R.unit_fire_mask(y, dim)
         prev = buf.fired.get(slot)
         buf.fired[slot] = fired if prev is None or prev.shape != fired.shape else prev | fired
+        self.reported.add(index)
         if self.mode is Mode.VAL:
             return
         self.forward_order.setdefault(index)  # a dict: O(1) on the hook path, keeps first-call order
@@ -242,6 +251,11 @@ class Capture:
             same = prev_sums is not None and prev_sums.shape == sums.shape
             buf.abs_sums[slot] = prev_sums + sums if same else sums  # type: ignore[operator]
             buf.abs_counts[slot] = (buf.abs_counts[slot] if same else 0) + unit_counts(y, dim)
+        if self.track_moments:
+            moments, prev_moments = unit_moments(y, dim), buf.moments.get(slot)
+            same = prev_moments is not None and prev_moments.shape == moments.shape
+            buf.moments[slot] = prev_moments + moments if same else moments  # type: ignore[operator]
+            buf.moment_counts[slot] = (buf.moment_counts[slot] if same else 0) + unit_counts(y, dim)
 
     def _edges_on(self, layer: str | None, device: torch.device) -> tuple[Tensor, Tensor]:
         """Histogram edges (a layer's, or the gradients' for ``None``) and their bucket boundaries on
