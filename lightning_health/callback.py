@@ -36,7 +36,7 @@ from lightning_health.capture.selection import (
 )
 from lightning_health.capture.sharding import bind_to_strategy, is_model_parallel
 from lightning_health.capture.transformer import TransformerCapture
-from lightning_health.diagnosis import Finding, FindingLog, Thresholds, evaluate
+from lightning_health.diagnosis import Finding, FindingLog, GradBaseline, Thresholds, evaluate
 from lightning_health.pipeline import transformer_step
 from lightning_health.pipeline.accumulate import Accumulator, LayerReading, ParamGradNorms, layer_param_groups
 from lightning_health.pipeline.history import History
@@ -56,6 +56,8 @@ HEATMAP_TAG = "health/dead_fraction_heatmap"
 # Histogram magnitudes (symlog edges): wide enough that an explosion stays on the chart; what lies beyond
 # is logged as health/act_out_of_range, health/grad_out_of_range.
 ACT_EDGE_RANGE, GRAD_EDGE_RANGE = (1e-4, 1e30), (1e-9, 1e30)
+UNIT_FRACTIONS = ("dead_fraction", "alive_fraction", "dormant_fraction", "collapsed_fraction")
+"""Per-unit shares that mean nothing for a layer with NaN/Inf outputs: logged as NaN there."""
 
 
 class HealthCriticalError(RuntimeError):
@@ -197,6 +199,7 @@ class HealthMonitor(CallbackBase):
         self.heatmap_every_n_samples = check.optional_positive_int("heatmap_every_n_samples", heatmap_every_n_samples)
         self._history = History(check.positive_int("max_points", max_points, minimum=16))
         self._findings = FindingLog()
+        self._grad_baseline = GradBaseline(self.thresholds.baseline_samples)  # scale-free explosion rule
         self._last_units: dict[str, tuple[int | None, int]] = {}
         self._layer_names: list[str] = []
         self._pending_state: dict[str, Any] | None = None
@@ -366,7 +369,12 @@ class HealthMonitor(CallbackBase):
             saturation_margin=self.saturation_margin,
             compile_reductions=self.compile_reductions,
         )
-        self._accumulator = Accumulator(self._capture, self.dead_window, self.rescue_settings.dormant_threshold)
+        self._accumulator = Accumulator(
+            self._capture,
+            self.dead_window,
+            self.rescue_settings.dormant_threshold,
+            collapse_ratio=self.thresholds.collapse_unit_ratio,
+        )
         self._findings = (
             FindingLog([layer.name for layer in chosen]) if not self._findings.findings() else self._findings
         )
@@ -606,6 +614,7 @@ class HealthMonitor(CallbackBase):
             window=self.dead_window,
             smooth_rectifiers=self._smooth,
             layer_order=order,
+            baseline=self._grad_baseline,
         )
         self._settle(trainer, capture, readings)
         escalated = self._findings.record(found, checked, step)
@@ -631,8 +640,14 @@ class HealthMonitor(CallbackBase):
                 metrics["dormant_fraction"] = reading.dormant_units / reading.units
             if reading.alive_fraction is not None:
                 metrics["alive_fraction"] = reading.alive_fraction
+            if reading.collapsed_fraction is not None:
+                metrics["collapsed_fraction"] = reading.collapsed_fraction
             if not metrics:
                 continue
+            if metrics.get("nonfinite", 0) > 0:  # NaN/Inf outputs: no unit is measurably dead, alive or constant
+                for key in UNIT_FRACTIONS:
+                    if key in metrics or key == "dead_fraction":
+                        metrics[key] = math.nan
             for metric, value in metrics.items():
                 scalars[f"health/{metric}/{layer.name}"] = value
                 self._history.add(step, metric, layer.name, value)
@@ -727,11 +742,11 @@ class HealthMonitor(CallbackBase):
         for layer, (dead, units) in zip(capture.layers, results):
             if not units:
                 continue
-            value = dead / units
+            nonfinite = self._history.latest(layer.name).get("nonfinite")
+            value = math.nan if nonfinite else dead / units  # a NaN layer's silence is not death
             scalars[f"health/val_dead_fraction/{layer.name}"] = value
             self._history.add(step, "val_dead_fraction", layer.name, value)
             snapshot[layer.name] = {"val_dead_fraction": value, "dead_units": dead, "units": units}
-            nonfinite = self._history.latest(layer.name).get("nonfinite")
             if nonfinite:
                 snapshot[layer.name]["nonfinite"] = nonfinite
         self._sinks.write(step, scalars, {})
@@ -827,6 +842,7 @@ class HealthMonitor(CallbackBase):
         return {
             "history": self._history.state_dict(),
             "findings": self._findings.state_dict(),
+            "grad_baseline": self._grad_baseline.state_dict(),
             "last_units": {k: list(v) for k, v in self._last_units.items()},
             "layers": list(self._layer_names),
             "schedule": self._schedule.state_dict(),
@@ -844,6 +860,7 @@ class HealthMonitor(CallbackBase):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         self._history.load_state_dict(state_dict.get("history", {}))
         self._findings.load_state_dict(state_dict.get("findings", []))
+        self._grad_baseline.load_state_dict(state_dict.get("grad_baseline", {}))
         self._last_units = {k: (v[0], v[1]) for k, v in state_dict.get("last_units", {}).items()}
         self._layer_names = self._layer_names or list(state_dict.get("layers", []))
         saved_every = state_dict.get("every_n_steps", self.every_n_steps)

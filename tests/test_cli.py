@@ -32,7 +32,7 @@ def _write_run(run_dir: Path, *, sick: bool, findings: str | None = None) -> Non
             readings = {
                 "act_mean": math.nan if exploded else 0.5 + index,
                 "act_std": 1.0,
-                "grad_std": 50.0 if sick else 3e-4,
+                "grad_std": 50.0 if sick and step >= 50 else 3e-4,  # sick: grows 1.7e5x its early baseline
                 "grad_max": 400.0 if sick else 5e-3,
                 "saturation": 0.4 if sick else 0.02,
                 "nonfinite": 1.0 if exploded else 0.0,
@@ -96,7 +96,7 @@ def test_report_prints_table_findings_and_comparison(runs_dir: Path, capsys: pyt
         assert heading in header
     healthy_part, sick_part = out.split("=== sick/version_0")
     assert "No findings" in healthy_part
-    net1 = next(line for line in sick_part.splitlines() if line.startswith("net.1 "))
+    net1 = next(line for line in sick_part.splitlines() if line.startswith("!! net.1 "))  # NaN layers lead
     assert [cell.strip() for cell in net1.split("|")][1:] == [
         "nan",
         "1",
@@ -106,7 +106,9 @@ def test_report_prints_table_findings_and_comparison(runs_dir: Path, capsys: pyt
         "40%",
     ]  # a NaN layer is broken, not dead
     # findings come from the core's diagnosis replayed over the read-back curves, with hints
-    assert "[critical] net.1: gradient std 5.00e+01 above 10 (since step 0)" in sick_part
+    assert "[critical] net.1: gradient std 5.00e+01, 1.67e+05x its early-run baseline (3.00e-04) (since step 50)" in (
+        sick_part
+    )
     assert "[critical] net.1: 100% of units dead" in sick_part and "(since step 30)" in sick_part
     assert "hint: " in sick_part
     assert "from step 80: values turned NaN/Inf in net.1, net.3, blocks.0.mlp.act" in sick_part

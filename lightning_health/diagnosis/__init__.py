@@ -4,10 +4,21 @@ May import only the standard library: the diagnosis is pure host-side judgement 
 the live monitor and the offline report.
 """
 
+from lightning_health.diagnosis.baseline import GradBaseline
 from lightning_health.diagnosis.findings import KINDS, Finding, FindingLog, Severity
 from lightning_health.diagnosis.hints import HINTS
 from lightning_health.diagnosis.replay import diagnose_curves
 from lightning_health.diagnosis.rules import evaluate
 from lightning_health.diagnosis.thresholds import Thresholds
 
-__all__ = ["HINTS", "KINDS", "Finding", "FindingLog", "Severity", "Thresholds", "diagnose_curves", "evaluate"]
+__all__ = [
+    "HINTS",
+    "KINDS",
+    "Finding",
+    "FindingLog",
+    "GradBaseline",
+    "Severity",
+    "Thresholds",
+    "diagnose_curves",
+    "evaluate",
+]

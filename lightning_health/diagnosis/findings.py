@@ -1,7 +1,12 @@
-"""Findings and their log: what is wrong in which layer, since when, and how it stands now.
+"""Findings and their log: what is wrong in which layer, since when, how it stands now, and its worst.
 
-:class:`FindingLog` keeps, for every (layer, kind), the step it first appeared (its onset) and its
-latest state, so a layer that died at step 4 and went NaN at step 5 reports both, in that order.
+:class:`FindingLog` keeps, for every (layer, kind), the step it first appeared (its onset), its
+latest state and its peak (the worst state seen), so a layer that died at step 4 and went NaN at
+step 5 reports both, in that order, and a layer that reached 57% dead before recovering to 32%
+still says it was critical once.
+
+"Worse" is a higher severity first, then a value further in the kind's bad direction
+(:data:`WORSE_WHEN`): more dead units is worse, a smaller gradient ratio is a worse vanishing.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ KINDS = (
     "nonfinite", "dead", "exploding_gradient", "vanishing_gradient", "saturated", "collapsed", "inactive",
     "gradient_flow", "stalled", "unstable", "entropy_collapse", "logit_growth", "massive_activation",
 )  # fmt: skip
+WORSE_WHEN: dict[str, int] = {"vanishing_gradient": -1}
+"""Per kind, +1 when a larger value is worse (the default), -1 when a smaller one is."""
+_RANK = {"warning": 0, "critical": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +42,10 @@ class Finding:
         value: the reading that tripped the rule, at the latest evaluation.
         last_step: the latest step at which the problem was seen.
         active: False once the latest readings no longer show the problem.
+        peak_severity: the worst severity seen (``None`` in a finding not yet recorded: its own).
+        peak_value: the reading at the worst moment.
+        peak_step: the step of the worst moment (``-1``: not recorded yet).
+        peak_message: the message at the worst moment.
     """
 
     layer: str
@@ -45,10 +57,33 @@ class Finding:
     value: float = math.nan
     last_step: int = -1
     active: bool = True
+    peak_severity: Severity | None = None
+    peak_value: float = math.nan
+    peak_step: int = -1
+    peak_message: str = ""
+
+    @property
+    def peaked_earlier(self) -> bool:
+        """True when the worst moment is not the latest one (then both are worth showing)."""
+        return self.peak_step >= 0 and self.peak_step != self.last_step and self.peak_message != self.message
 
     def __str__(self) -> str:
         state = "" if self.active else f" (cleared by step {self.last_step})"
-        return f"[{self.severity}] {self.layer}: {self.message} (since step {self.step}){state}"
+        peak = f"; worst: [{self.peak_severity}] {self.peak_message} at step {self.peak_step}"
+        peak = peak if self.peaked_earlier else ""
+        return f"[{self.severity}] {self.layer}: {self.message} (since step {self.step}{peak}){state}"
+
+
+def _worse(kind: str, severity: str, value: float, than: Finding) -> bool:
+    """Is (severity, value) worse than ``than``'s peak?"""
+    old_rank = _RANK.get(str(than.peak_severity or than.severity), 0)
+    rank = _RANK.get(severity, 0)
+    if rank != old_rank:
+        return rank > old_rank
+    old = than.peak_value
+    if math.isnan(value):
+        return False
+    return math.isnan(old) or WORSE_WHEN.get(kind, 1) * (value - old) > 0
 
 
 class FindingLog:
@@ -66,7 +101,16 @@ class FindingLog:
             key = (f.layer, f.kind)
             old = self._entries.get(key)
             onset = f.step if old is None else old.step
-            self._entries[key] = dataclasses.replace(f, step=onset, last_step=step, active=True)
+            if old is None or _worse(f.kind, f.severity, f.value, old):
+                peak = {
+                    "peak_severity": f.severity,
+                    "peak_value": f.value,
+                    "peak_step": step,
+                    "peak_message": f.message,
+                }
+            else:
+                peak = {k: getattr(old, k) for k in ("peak_severity", "peak_value", "peak_step", "peak_message")}
+            self._entries[key] = dataclasses.replace(f, step=onset, last_step=step, active=True, **peak)
             if old is None or (f.severity == "critical" and (old.severity != "critical" or not old.active)):
                 escalated.append(self._entries[key])
         for key in checked - present:
@@ -89,4 +133,8 @@ class FindingLog:
         fields = {f.name for f in dataclasses.fields(Finding)}
         for item in state:
             f = Finding(**{k: v for k, v in item.items() if k in fields})  # type: ignore[arg-type]
+            if f.peak_step < 0:  # a checkpoint from before peaks were kept: its latest state is all it knows
+                f = dataclasses.replace(
+                    f, peak_severity=f.severity, peak_value=f.value, peak_step=f.last_step, peak_message=f.message
+                )
             self._entries[(f.layer, f.kind)] = f

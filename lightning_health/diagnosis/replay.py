@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
+from lightning_health.diagnosis.baseline import GradBaseline
 from lightning_health.diagnosis.findings import Finding, FindingLog
 from lightning_health.diagnosis.rules import evaluate
 from lightning_health.diagnosis.thresholds import Thresholds
@@ -19,7 +20,9 @@ def diagnose_curves(
     """Replay the rules over logged curves ``{metric: {layer: [(step, value), ...]}}``.
 
     This is how ``lightning-health report`` diagnoses a finished run from its TensorBoard files.
-    The output-side layer is the last one in ``layer_order`` (or in the order layers appear).
+    The output-side layer is the last one in ``layer_order`` (or in the order layers appear). The
+    early-run gradient baselines are rebuilt from the curves in step order, exactly as the live
+    monitor builds them, so the report gives the same verdicts as the run did.
     """
     thresholds = thresholds or Thresholds()
     by_step: dict[int, dict[str, dict[str, float]]] = {}
@@ -31,6 +34,7 @@ def diagnose_curves(
             for step, value in points:
                 by_step.setdefault(int(step), {}).setdefault(layer, {})[metric] = float(value)
     log = FindingLog(order)
+    baseline = GradBaseline(thresholds.baseline_samples)
     output = None
     latest_nonfinite: dict[str, float] = {}
     for step in sorted(by_step):
@@ -45,6 +49,8 @@ def diagnose_curves(
         with_grad = [name for name in order if "grad_std" in snapshot.get(name, {})]
         if with_grad:
             output = with_grad[-1]
-        found, checked = evaluate(step, snapshot, thresholds, rectifiers=rectifiers, output_layer=output)
+        found, checked = evaluate(
+            step, snapshot, thresholds, rectifiers=rectifiers, output_layer=output, baseline=baseline
+        )
         log.record(found, checked, step)
     return log.findings()

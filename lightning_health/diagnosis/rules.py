@@ -12,11 +12,18 @@ Rules (defaults in :class:`Thresholds`, all overridable):
   negative side, which still passes a gradient.
 - ``saturated``: more than 30% of outputs on a shoulder where the activation's slope is below
   20% of its peak (tanh ``|y| >= 0.894``, sigmoid ``y <= 0.053`` or ``>= 0.947``, ReLU6 ``y = 6``).
-- ``vanishing_gradient``: gradient std below ``1e-4`` **and** below ``1/100`` of the gradient std
-  reaching the output-side monitored layer. The relative part is what keeps a converged network
-  healthy: when the loss is near zero every gradient is small, but they are small together.
-- ``exploding_gradient``: gradient std above 10 (critical).
-- ``collapsed``: activation std below ``1e-3``: the layer says the same thing for every input.
+- ``vanishing_gradient``: gradient norm below ``1/100`` of the gradient norm reaching the
+  output-side monitored layer. Relative, so a converged network (every gradient small together)
+  stays healthy and the loss scale cancels; on norms rather than per-element stds, so a wide layer
+  feeding a narrow one is not called vanishing (a fan-in-scaled Linear preserves the norm, not the
+  per-element std). ``vanishing_grad_std`` adds an absolute gate when set (off by default).
+- ``exploding_gradient``: gradient std above ``100x`` the layer's own early-run baseline
+  (critical); scale-free (see :mod:`lightning_health.diagnosis.baseline`). ``exploding_grad_std``
+  adds the old absolute threshold when set (off by default).
+- ``collapsed``: more than 50% of a layer's units constant across the batch (their std is below
+  ``1e-3`` of the layer's RMS); units that are exactly 0 everywhere are left to ``dead``/dormancy.
+  Where no ``collapsed_fraction`` was read (older event files), the pooled ``act_std`` below
+  ``1e-3`` is the fallback.
 - ``nonfinite``: any NaN or Inf in a layer's activations or gradients (critical).
 - ``gradient_flow``: across the stretch of the network between two consecutive monitored layers,
   the activation gradient's norm changes by more than ``flow_gain`` (10x) either way: where
@@ -42,6 +49,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+from lightning_health.diagnosis.baseline import GradBaseline
 from lightning_health.diagnosis.findings import Finding, Severity
 from lightning_health.diagnosis.hints import HINTS
 from lightning_health.diagnosis.learning import previous_layers
@@ -59,6 +67,8 @@ class Context:
     output_layer: str | None
     reference_grad_std: float | None
     window: int | None
+    baseline: GradBaseline | None = None
+    reference_grad_norm: float | None = None
     previous: Mapping[str, str] = dataclasses.field(default_factory=dict)  # layer -> the one before it
 
 
@@ -145,23 +155,42 @@ def gradient_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set
     g = r.get("grad_std")
     if g is None:
         return set(), []
-    t, ref = ctx.thresholds, ctx.reference_grad_std
+    t = ctx.thresholds
     checked = {"exploding_gradient", "vanishing_gradient"}
-    if g > t.exploding_grad_std:
+    base = ctx.baseline.reference(layer, ctx.output_layer, t.vanishing_ratio) if ctx.baseline is not None else None
+    if base is not None and g > t.exploding_growth * base:
+        message = f"gradient std {g:.2e}, {g / base:.3g}x its early-run baseline ({base:.2e})"
+        return checked, [("exploding_gradient", "critical", message, g / base)]
+    if t.exploding_grad_std is not None and g > t.exploding_grad_std:
         return checked, [("exploding_gradient", "critical", f"gradient std {g:.2e} above {t.exploding_grad_std:g}", g)]
-    if layer != ctx.output_layer and ref is not None and g < t.vanishing_grad_std and g < t.vanishing_ratio * ref:
-        message = f"gradient std {g:.2e}, {g / ref:.1e}x the output-side layer's ({ref:.2e})"
-        return checked, [("vanishing_gradient", "warning", message, g)]
+    if layer == ctx.output_layer or (t.vanishing_grad_std is not None and g >= t.vanishing_grad_std):
+        return checked, []
+    # Norms where both layers have one (width-free), else per-element stds (older event files).
+    norm, ref_norm = r.get("grad_norm"), ctx.reference_grad_norm
+    mine, ref, what = (norm, ref_norm, "norm") if norm is not None and ref_norm else (g, ctx.reference_grad_std, "std")
+    if ref and mine < t.vanishing_ratio * ref:
+        message = f"gradient {what} {mine:.2e}, {mine / ref:.1e}x the output-side layer's ({ref:.2e})"
+        return checked, [("vanishing_gradient", "warning", message, mine / ref)]
     return checked, []
 
 
 def collapse_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
+    t = ctx.thresholds
+    share = r.get("collapsed_fraction")
+    if share is not None:
+        if share > t.collapsed:
+            message = (
+                f"{_pct(share)} of units constant across the batch (std below {t.collapse_unit_ratio:g} "
+                "of the layer's RMS): they pass on no information about the input"
+            )
+            return {"collapsed"}, [("collapsed", "warning", message, share)]
+        return {"collapsed"}, []
     std = r.get("act_std")
-    if std is None:
+    if std is None or t.collapse_std is None:
         return set(), []
-    if std < ctx.thresholds.collapse_std:
+    if std < t.collapse_std:
         message = f"activation std {std:.2e}: the layer outputs nearly the same value for every input"
-        return {"collapsed"}, [("collapsed", "warning", message, std)]
+        return {"collapsed"}, [("collapsed", "warning", message, 1.0)]  # no per-unit share: call it all
     return {"collapsed"}, []
 
 
@@ -272,6 +301,7 @@ def evaluate(
     window: int | None = None,
     smooth_rectifiers: Iterable[str] = (),
     layer_order: Sequence[str] | None = None,
+    baseline: GradBaseline | None = None,
 ) -> tuple[list[Finding], set[tuple[str, str]]]:
     """Apply every rule in :data:`RULES` to one step's readings.
 
@@ -287,13 +317,20 @@ def evaluate(
         smooth_rectifiers: layers whose activation has a smooth off side (GELU, SiLU, ELU, ...):
             the ``inactive`` rule reads their never-positive units.
         layer_order: the monitored layers in forward order, to name both ends of a gradient-flow stretch.
+        baseline: the per-layer early-run gradient scale, updated here with these readings (the
+            scale-free explosion rule is off without it; the live monitor and the replay keep one).
 
     Returns:
         The findings at this step, and the (layer, kind) pairs that were checked.
     """
-    ref = readings.get(output_layer, {}).get("grad_std") if output_layer is not None else None
+    out = readings.get(output_layer, {}) if output_layer is not None else {}
+    if baseline is not None:
+        baseline.observe(readings)
     hard = None if rectifiers is None else set(rectifiers)
-    ctx = Context(step, thresholds, hard, set(smooth_rectifiers), output_layer, ref, window)
+    ctx = Context(
+        step, thresholds, hard, set(smooth_rectifiers), output_layer, out.get("grad_std"), window,
+        baseline, out.get("grad_norm"),
+    )  # fmt: skip
     if layer_order:
         ctx = dataclasses.replace(ctx, previous=previous_layers(layer_order))
     found: list[Finding] = []

@@ -9,6 +9,24 @@ import dataclasses
 class Thresholds:
     """When a reading becomes a finding. Fractions are in [0, 1].
 
+    Every default is free of the loss scale and of the layer width (see docs/findings.md): the
+    gradient rules compare a layer with its own early baseline (``exploding_growth``) or with the
+    output-side layer (``vanishing_ratio``, on gradient norms), and collapse compares each unit's
+    spread with its layer's scale. The absolute gradient thresholds ``exploding_grad_std`` and
+    ``vanishing_grad_std`` are off (``None``) unless set.
+
+    Attributes:
+        exploding_growth: ``exploding_gradient`` (critical) when a layer's gradient std exceeds this
+            many times its baseline (the median of its first ``baseline_samples`` readings).
+        exploding_grad_std: also call ``exploding_gradient`` above this absolute gradient std (off by default).
+        vanishing_ratio: ``vanishing_gradient`` when a layer's gradient norm is below this fraction of
+            the output-side layer's.
+        vanishing_grad_std: when set, vanishing also needs the gradient std below this absolute value.
+        collapsed: ``collapsed`` when more than this share of a layer's units are constant across the batch.
+        collapse_unit_ratio: a unit is constant when its std across the batch is <= this times the layer's RMS.
+        collapse_std: the fallback collapse rule on the pooled ``act_std`` (used only where no
+            ``collapsed_fraction`` was read, e.g. event files of older runs); ``None`` turns it off.
+
     Example:
         >>> Thresholds(dead_warning=0.1).dead_critical
         0.5
@@ -18,10 +36,14 @@ class Thresholds:
     dead_critical: float = 0.5
     saturation: float = 0.3
     inactive_warning: float = 0.5
-    vanishing_grad_std: float = 1e-4
+    vanishing_grad_std: float | None = None
     vanishing_ratio: float = 1e-2
-    exploding_grad_std: float = 10.0
-    collapse_std: float = 1e-3
+    exploding_grad_std: float | None = None
+    exploding_growth: float = 100.0
+    baseline_samples: int = 5
+    collapse_std: float | None = 1e-3
+    collapsed: float = 0.5
+    collapse_unit_ratio: float = 1e-3
     stalled_update_ratio: float = 1e-5
     stalled_ratio: float = 1e-2
     unstable_update_ratio: float = 0.1
@@ -36,20 +58,30 @@ class Thresholds:
     def __post_init__(self) -> None:
         fractions = (
             "dead_warning", "dead_critical", "saturation", "vanishing_ratio", "inactive_warning", "stalled_ratio",
-            "entropy_drop",
+            "entropy_drop", "collapsed", "collapse_unit_ratio",
         )  # fmt: skip
         for name in fractions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise ValueError(f"Expected `{name}` to be a fraction in [0, 1], got {value!r}")
+        for name in ("vanishing_grad_std", "exploding_grad_std", "collapse_std"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+                raise ValueError(f"Expected `{name}` to be a positive number or None, got {value!r}")
         positives = (
-            "vanishing_grad_std", "exploding_grad_std", "collapse_std", "stalled_update_ratio", "unstable_update_ratio",
-            "flow_gain", "entropy_floor", "logit_bound", "logit_growth", "logit_growth_floor", "massive_growth",
+            "stalled_update_ratio", "unstable_update_ratio", "flow_gain", "entropy_floor", "logit_bound",
+            "logit_growth", "logit_growth_floor", "massive_growth",
         )  # fmt: skip
         for name in positives:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"Expected `{name}` to be a positive number, got {value!r}")
+        growth = self.exploding_growth
+        if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not growth > 1:
+            raise ValueError(f"Expected `exploding_growth` to be a number > 1, got {growth!r}")
+        samples = self.baseline_samples
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"Expected `baseline_samples` to be a positive int, got {samples!r}")
         if self.dead_critical < self.dead_warning:
             raise ValueError(
                 f"Expected `dead_critical` ({self.dead_critical}) to be >= `dead_warning` ({self.dead_warning})"

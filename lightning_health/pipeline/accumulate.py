@@ -45,6 +45,7 @@ from lightning_health.pipeline.sync import (
     world_size,
 )
 from lightning_health.readings import reductions as R
+from lightning_health.readings.collapse import collapsed_units
 from lightning_health.readings.dormancy import dormant_mask, update_last_fired
 
 
@@ -59,6 +60,7 @@ class LayerReading:
     units: int = 0
     dormant_units: int | None = None  # tau-dormant over the window; None until full, or untracked
     alive_fraction: float | None = None  # share of units that fired on this sampled step (any rank)
+    collapsed_fraction: float | None = None  # share of units constant across this step's batch (collapse.py)
 
 
 class _Ring:
@@ -165,6 +167,7 @@ class _LayerPlan:
     abs_slots: dict[int, int] = dataclasses.field(default_factory=dict)  # slot -> offset of sums (+ count)
     dormant: list[bool] = dataclasses.field(default_factory=list)  # per pushed AbsWindow: full
     alive_width: int = 0  # units of the slots that reported this step
+    moment_slots: dict[int, int] = dataclasses.field(default_factory=dict)  # slot -> offset of moments (+ count)
 
 
 def _zeros(n: int, device: torch.device) -> Tensor:
@@ -181,7 +184,9 @@ _NO_INDEX = torch.zeros(0, dtype=torch.long)
 class Accumulator:
     """Per-layer state across sampled steps: the dead-unit windows, and the step-end pipeline."""
 
-    def __init__(self, capture: Capture, window: int, tau: float | None = None) -> None:
+    def __init__(
+        self, capture: Capture, window: int, tau: float | None = None, collapse_ratio: float | None = 1e-3
+    ) -> None:
         self.capture = capture
         self.window = window
         self.windows: dict[tuple[int, int], UnitWindow] = {}
@@ -190,6 +195,8 @@ class Accumulator:
         self.abs_windows: dict[tuple[int, int], AbsWindow] = {}
         self.last_fired: dict[int, Tensor] = {}  # layer -> int64 per unit, the last step it fired (-1: never)
         capture.track_abs = tau is not None
+        self.collapse_ratio = collapse_ratio  # per-unit std vs layer RMS; None: no per-unit moments
+        capture.track_moments = collapse_ratio is not None
         self._index_cache: tuple[tuple[object, ...], Tensor, Tensor] | None = None
         self.agreed: dict[tuple[int, int], int] = {}  # DDP: the (layer, slot) -> units every rank packs
 
@@ -318,6 +325,9 @@ class Accumulator:
                         parts.append(torch.full((1,), count, dtype=torch.float64, device=device))  # a fill, no copy
                         entry.abs_slots[slot] = offset
                         offset += width + 1
+                    if self.collapse_ratio is not None:
+                        offset += _pack_moments(parts, buf, slot, width, device)
+                        entry.moment_slots[slot] = offset - 2 * width - 1
                 plan.append(entry)
             shared_at = offset
             if shared_max is not None:
@@ -350,10 +360,12 @@ class Accumulator:
                     if awin.sums is not None:
                         dormant_counts.append(awin.dormant(self.tau).sum().to(torch.float64).reshape(1))
                         entry.dormant.append(awin.full)
-            dead_counts += dormant_counts  # per layer: dead counts, then dormant counts, then alive
+            dead_counts += dormant_counts  # per layer: dead counts, then dormant counts, then alive, then collapse
             if fired_now:
                 dead_counts.append(sum(f.sum() for f in fired_now).to(torch.float64).reshape(1))  # type: ignore[union-attr]
                 self._record_fired(index, fired_now, step)
+            if entry.moment_slots and self.collapse_ratio is not None:
+                dead_counts.append(_collapsed(synced, entry.moment_slots, entry.slots, self.collapse_ratio))
         tail = [synced, *dead_counts]
         if extra is not None:
             tail.append(extra.to(device=device, dtype=torch.float64))
@@ -381,7 +393,13 @@ class Accumulator:
             if entry.alive_width:
                 alive = host[cursor] / entry.alive_width
                 cursor += 1
+            collapsed = None
+            if entry.moment_slots and self.collapse_ratio is not None:
+                collapsed = host[cursor] / host[cursor + 1] if host[cursor + 1] > 0 else None
+                cursor += 2
             complete = bool(entry.windows) and all(full for _w, full in entry.windows)
+            if act_host[R.A_COUNT] <= 0:  # not read on any rank this step: no unit reading (not observed, not dead)
+                complete, alive, collapsed = False, None, None
             readings.append(
                 LayerReading(
                     metrics={**R.derive_activation(act_host), **R.derive_gradient(grad_host)},
@@ -391,6 +409,7 @@ class Accumulator:
                     units=units,
                     dormant_units=dormant if complete else None,
                     alive_fraction=alive,
+                    collapsed_fraction=collapsed,
                 )
             )
         shared = host[shared_at : synced.numel() - (1 if distributed else 0)]  # not the layout flag
@@ -463,7 +482,9 @@ class Accumulator:
     def finish_validation(self) -> list[tuple[int, int]]:
         """End a validation pass: OR the fire masks across ranks, return (dead, units) per layer.
 
-        Exact over every example of the pass on every rank; one collective, one transfer.
+        Exact over every example of the pass on every rank; one collective, one transfer. A layer
+        that no rank read during the pass (a training-only head, a branch skipped in eval) returns
+        ``(0, 0)``: not observed is not dead. One "reported" flag per layer rides the same collective.
         """
         device = self.device()
         distributed = world_size() > 1
@@ -477,6 +498,7 @@ class Accumulator:
                 masks = self._pack_masks(index, buf, distributed, device)
                 parts += [vec for _slot, _width, vec in masks]
                 plan.append([width for _slot, width, _vec in masks])
+            parts.append(_reported_flags(self.capture, device))
             return parts, [], []
 
         synced = self._sync_agreed(pack, device)
@@ -488,8 +510,10 @@ class Accumulator:
             total = sum(widths)
             fired_per_layer.append((synced[start : start + total] > 0).sum().to(torch.float64).reshape(1))
             start += total
-        host = torch.cat(fired_per_layer).tolist()
-        return [(sum(w) - int(f), sum(w)) for f, w in zip(host, plan)]
+        flags = synced[start : start + len(plan)]
+        host = torch.cat([*fired_per_layer, flags]).tolist()
+        reported = host[len(plan) :]
+        return [(sum(w) - int(f), sum(w)) if seen > 0 else (0, 0) for f, w, seen in zip(host, plan, reported)]
 
     def state_dict(self) -> dict[str, object]:
         return {
@@ -515,6 +539,33 @@ class Accumulator:
         for key, steps in dict(state.get("last_fired", {})).items():  # type: ignore[call-overload]
             if isinstance(steps, Tensor):
                 self.last_fired[int(key)] = steps.to(device=device, dtype=torch.int64)
+
+
+def _reported_flags(capture: Capture, device: torch.device) -> Tensor:
+    """One float64 per layer: 1 where this rank read the layer since the last reset (summed across ranks)."""
+    flags = _zeros(len(capture.buffers), device)
+    for index in capture.reported:
+        flags[index] = 1.0  # a fill on the device, no host-to-device copy
+    return flags
+
+
+def _pack_moments(parts: list[Tensor], buf: StepBuffers, slot: int, width: int, device: torch.device) -> int:
+    """Append one slot's per-unit moments (zeros where it did not report) and their count; the length packed."""
+    moments, count = buf.moments.get(slot), float(buf.moment_counts.get(slot, 0))
+    ok = moments is not None and moments.numel() == 2 * width
+    parts.append(moments.to(device) if ok else _zeros(2 * width, device))  # type: ignore[union-attr]
+    parts.append(torch.full((1,), count if ok else 0.0, dtype=torch.float64, device=device))
+    return 2 * width + 1
+
+
+def _collapsed(synced: Tensor, moment_slots: dict[int, int], slots: list[tuple[int, int, int]], ratio: float) -> Tensor:
+    """``[collapsed units, units measured]`` of one layer, summed over its call slots (on the device)."""
+    widths = {slot: width for slot, _offset, width in slots}
+    total = _zeros(2, synced.device)
+    for slot, at in moment_slots.items():
+        width = widths[slot]
+        total = total + collapsed_units(synced[at : at + 2 * width], synced[at + 2 * width], ratio)
+    return total
 
 
 def layer_param_groups(modules: Sequence[tuple[str, torch.nn.Module]]) -> list[tuple[str, list[torch.nn.Parameter]]]:

@@ -15,6 +15,8 @@ from typing import IO
 from lightning_health.diagnosis import Finding
 
 COLUMNS = ("layer", "act mean", "act std", "grad std", "max grad", "dead", "sat %")
+NONFINITE_MARK = "!! "
+"""Prefixes a layer whose latest outputs held NaN/Inf; such rows are listed first."""
 
 
 @dataclasses.dataclass
@@ -43,7 +45,7 @@ class LayerRow:
             dead = "-"
         sat = "-" if self.saturation is None else f"{100 * self.saturation:.0f}%"
         return [
-            self.layer,
+            f"{NONFINITE_MARK}{self.layer}" if self.broken else self.layer,
             _num(self.act_mean),
             _num(self.act_std),
             _sci(self.grad_std),
@@ -100,13 +102,26 @@ class HealthReport:
                     broken=bool(r.get("nonfinite")),
                 )
             )
+        rows.sort(key=lambda row: not row.broken)  # stable: NaN/Inf layers first, each group in layer order
         return cls(title=title, step=step, rows=rows, findings=list(findings))
+
+    def nonfinite_line(self) -> str | None:
+        """One line naming the layers with NaN/Inf outputs, or ``None`` when there are none."""
+        broken = [row.layer for row in self.rows if row.broken]
+        if not broken:
+            return None
+        return (
+            f"{NONFINITE_MARK}NaN/Inf outputs in {len(broken)} layer(s): {', '.join(broken)}; their dead/alive/"
+            "dormant/collapsed readings are NaN (not measurable), not healthy."
+        )
 
     def render_text(self) -> str:
         """A fixed-width table followed by the findings with their hints."""
         table = [list(COLUMNS), *[row.cells() for row in self.rows]]
         widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
         lines = [f"=== {self.title} | step {self.step} | per-layer health ==="]
+        if self.nonfinite_line():
+            lines.append(str(self.nonfinite_line()))
         for i, row in enumerate(table):
             lines.append(" | ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
             if i == 0:
@@ -123,7 +138,7 @@ def findings_lines(findings: Sequence[Finding]) -> list[str]:
     critical = sum(f.severity == "critical" for f in findings)
     out = [f"{len(findings)} finding(s), {critical} critical, in order of onset:"]
     for f in findings:
-        out.append(f"- {f}")
+        out.append(f"- {f}")  # latest state, and the worst moment when it was worse
         out.append(f"    hint: {f.hint}")
     return out
 
@@ -138,6 +153,8 @@ def print_report(report: HealthReport, file: IO[str] | None = None) -> None:
         print(report.render_text(), file=stream, flush=True)
         return
     console = Console(file=stream, width=max(100, Console(file=stream).width))
+    if report.nonfinite_line():
+        console.print(report.nonfinite_line(), style="bold red", markup=False, highlight=False)
     table = Table(title=f"{report.title} | step {report.step} | per-layer health", title_justify="left")
     for col in COLUMNS:
         table.add_column(col, justify="left" if col == "layer" else "right")

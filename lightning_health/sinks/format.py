@@ -11,14 +11,22 @@ from typing import Any
 
 from lightning_health.diagnosis import Finding
 
-FINDING_COLUMNS = ("since_step", "layer", "kind", "severity", "active", "last_step", "value", "message", "hint")
+FINDING_COLUMNS = (
+    "since_step", "layer", "kind", "severity", "active", "last_step", "value", "message",
+    "peak_severity", "peak_step", "peak_value", "peak_message", "hint",
+)  # fmt: skip
+"""Latest state first, then the worst moment (peak), then the hint."""
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def finding_rows(findings: Sequence[Finding]) -> list[list[Any]]:
     """One row per finding, in :data:`FINDING_COLUMNS` order (plain Python values, NaN as None)."""
     return [
-        [f.step, f.layer, f.kind, f.severity, f.active, f.last_step, f.value if math.isfinite(f.value) else None,
-         f.message, f.hint]
+        [f.step, f.layer, f.kind, f.severity, f.active, f.last_step, _finite(f.value), f.message,
+         f.peak_severity or f.severity, f.peak_step, _finite(f.peak_value), f.peak_message or f.message, f.hint]
         for f in findings
     ]  # fmt: skip
 
@@ -37,12 +45,13 @@ def findings_markdown(step: int, findings: Sequence[Finding]) -> str:
         f"**{len(active)} active finding(s), {critical} critical** as of step {step} "
         f"({len(findings) - len(active)} cleared).",
         "",
-        "| since step | layer | problem | severity | now | what it reads |",
-        "|---:|---|---|---|---|---|",
+        "| since step | layer | problem | severity | now | what it reads | worst |",
+        "|---:|---|---|---|---|---|---|",
     ]
     for f in findings:
         now = "active" if f.active else f"cleared by {f.last_step}"
-        cells = (str(f.step), f"`{_cell(f.layer)}`", f.kind, f.severity, now, _cell(f.message))
+        worst = f"{f.peak_severity} at step {f.peak_step}: {f.peak_message}" if f.peaked_earlier else "now"
+        cells = (str(f.step), f"`{_cell(f.layer)}`", f.kind, f.severity, now, _cell(f.message), _cell(worst))
         lines.append("| " + " | ".join(cells) + " |")
     hints = {f.kind: f.hint for f in findings if f.hint}
     if hints:
