@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     findings = monitor.diagnose()
     print(f"{len(findings)} finding(s)" + "".join(f"\n- {finding.message}" for finding in findings))
     if args.logger == "tensorboard":
-        print(f"open the dashboards: tensorboard --logdir {args.out} --samples_per_plugin=scalars=0,images=0")
+        print(f"open the dashboards: tensorboard --logdir {args.out} --samples_per_plugin=scalars=100000,images=10000")
     else:
         import wandb
 

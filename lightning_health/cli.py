@@ -334,7 +334,7 @@ def _writable_dir(path: Path) -> str | None:
 
 
 def _demo_command(args: argparse.Namespace) -> int:
-    from lightning_health.offline.demo import PATIENTS, train_patient
+    from lightning_health.offline.demo import EVERY_STEP_FLAG, PATIENTS, train_patient
 
     out_dir = Path(args.out)
     why = _writable_dir(out_dir)
@@ -367,7 +367,7 @@ def _demo_command(args: argparse.Namespace) -> int:
         if not findings:
             stream.write(f"The {patient.name} run: nothing went wrong.\n")
     stream.write(
-        f"\nOpen the runs side by side:  tensorboard --logdir {out_dir} --samples_per_plugin=scalars=0,images=0\n"
+        f"\nOpen the runs side by side:  tensorboard --logdir {out_dir} {EVERY_STEP_FLAG}\n"
         f"Or read them back here:      {PROG} report {out_dir} --png health.png\n"
     )
     return EXIT_OK

@@ -42,6 +42,10 @@ EXPLODING = Patient("exploding", "normal", 0.8)
 SICK = EXPLODING  # the name of the exploding patient before the demo had three
 PATIENTS: tuple[Patient, ...] = (HEALTHY, DYING, EXPLODING)
 
+#: TensorBoard's flag to serve every logged step. Not ``=0``: TensorBoard 2.x reads 0 as "downsample to
+#: zero points" and shows empty charts; without the flag it serves a sample (1000 scalars, 10 images a tag).
+EVERY_STEP_FLAG = "--samples_per_plugin=scalars=100000,histograms=10000,images=10000,text=10000"
+
 
 @dataclass
 class PatientRun:
