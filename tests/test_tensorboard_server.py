@@ -128,9 +128,8 @@ def test_heatmap_is_a_readable_png_that_tells_the_runs_apart(server: TensorBoard
 
 def test_findings_text_says_what_is_wrong_with_each_run(server: TensorBoardServer, demo_dir: tuple[Path, int]) -> None:
     _, last_step = demo_dir
-    text = {
-        run: server.get_json("data/plugin/text/text", run=run, tag=FINDINGS) for run in ("healthy", "dying", "exploding")
-    }
+    runs = ("healthy", "dying", "exploding")
+    text = {run: server.get_json("data/plugin/text/text", run=run, tag=FINDINGS) for run in runs}
     for run, entries in text.items():  # the diagnosis "as of" the last step is written at the end of training
         assert entries[-1]["step"] == last_step, run
     assert f"<strong>No problems found</strong> as of step {last_step}" in text["healthy"][-1]["text"]
