@@ -34,6 +34,7 @@ from lightning_health.offline.run_summary import (
     death_onsets,
     first_nonfinite_step,
     latest_readings,
+    nonfinite_onsets,
     status_series,
 )
 from lightning_health.sinks.console import HealthReport, print_report
@@ -254,7 +255,7 @@ def _comparison(runs: list[RunHealth], threshold: float) -> tuple[list[str], dic
             layers.setdefault(layer, None)
     cells: dict[str, dict[str, str]] = {}
     for run in runs:
-        onsets = death_onsets(run, threshold)
+        onsets, broken = death_onsets(run, threshold), nonfinite_onsets(run)
         per_layer: dict[str, str] = {}
         for layer in layers:
             points = run.curves.get("dead_fraction", {}).get(layer, [])
@@ -262,6 +263,9 @@ def _comparison(runs: list[RunHealth], threshold: float) -> tuple[list[str], dic
             peak, last = _fmt_percent(max(finite, default=None)), _fmt_percent(run.latest("dead_fraction", layer))
             if layer not in onsets:
                 per_layer[layer] = "-"
+            elif layer in broken:  # NaN is not "alive": its dead fraction is unknown from then on
+                died = f"died at step {onsets[layer]}, " if onsets[layer] is not None else ""
+                per_layer[layer] = f"{died}NaN/Inf from step {broken[layer]}"
             elif onsets[layer] is None:
                 per_layer[layer] = f"alive (peak {peak} dead)"
             else:

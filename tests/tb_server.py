@@ -48,6 +48,21 @@ class TensorBoardServer:
             time.sleep(0.2)
 
 
+def serves_in_full(server: TensorBoardServer, runs: Sequence[str], last_step: int) -> bool:
+    """Whether the server has read every run's health status up to ``last_step - 1``, its heatmap at
+    ``last_step`` (the one drawn at the end of training) and its findings text."""
+    status_tag, heatmap_tag, text_tag = "health/status", "health/dead_fraction_heatmap", "health/findings/text_summary"
+    images, texts = server.get_json("data/plugin/images/tags"), server.get_json("data/plugin/text/tags")
+    if not all(heatmap_tag in images.get(run, {}) and text_tag in texts.get(run, []) for run in runs):
+        return False
+    for run in runs:
+        status = server.get_json("data/plugin/scalars/scalars", run=run, tag=status_tag)
+        heatmaps = server.get_json("data/plugin/images/images", run=run, tag=heatmap_tag)
+        if not status or not heatmaps or status[-1][1] < last_step - 1 or heatmaps[-1]["step"] < last_step:
+            return False
+    return True
+
+
 def _tail(log: Path, lines: int = 20) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else "(no log)"
 

@@ -115,9 +115,10 @@ def test_report_prints_table_findings_and_comparison(runs_dir: Path, capsys: pyt
     assert "NaN/Inf first seen at step 80" in sick_part
     comparison = out.split("=== comparison")[1]
     rows = {line.split()[0]: line for line in comparison.splitlines()[3:]}
-    assert "died at step 30 (peak 100%, last 100% dead)" in rows["net.1"]
-    assert "died at step 40" in rows["net.3"]
-    assert "died at step 60" in rows["blocks.0.mlp.act"]
+    # a layer gone NaN is not "alive": the comparison says when it died and when it broke
+    assert rows["net.1"].endswith("died at step 30, NaN/Inf from step 80")
+    assert "died at step 40, NaN/Inf from step 80" in rows["net.3"]
+    assert "died at step 60, NaN/Inf from step 80" in rows["blocks.0.mlp.act"]
     assert rows["net.1"].count("alive (peak 5% dead)") == 1
 
 

@@ -198,7 +198,7 @@ def test_tensorboard_panel_findings_and_heatmap(tmp_path):
     texts = acc.Tensors("health/findings/text_summary")
     bodies = [tensor_util.make_ndarray(t.tensor_proto).item().decode() for t in texts]
     assert texts[0].step == 0 and "No problems found" in bodies[0]
-    assert texts[1].step == 1 and "`net.1` | dead | critical" in bodies[1]
+    assert texts[1].step == 1 and "| net.1 | dead units | **critical** | 1 |" in bodies[1]
     assert len(texts) < 5
 
     # The heatmap every 3 samples and at the end; the last one is exactly the monitor's curves rendered.

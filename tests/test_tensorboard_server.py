@@ -22,7 +22,7 @@ pytest.importorskip("matplotlib")
 
 from lightning_health.offline.demo import EVERY_STEP_FLAG, PATIENTS, train_patient
 from lightning_health.sinks.status import STATUS_TAG
-from tests.tb_server import TensorBoardServer, tensorboard_server
+from tests.tb_server import TensorBoardServer, serves_in_full, tensorboard_server
 
 HEATMAP = "health/dead_fraction_heatmap"
 FINDINGS = "health/findings/text_summary"  # add_text's tag for "health/findings"
@@ -40,26 +40,13 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     return out, last
 
 
-def _loaded(server: TensorBoardServer, last_step: int) -> bool:
-    """Every run's last status point, final heatmap and findings text have been read by the server."""
-    runs = [patient.name for patient in PATIENTS]
-    images, texts = server.get_json("data/plugin/images/tags"), server.get_json("data/plugin/text/tags")
-    if not all(HEATMAP in images.get(run, {}) and FINDINGS in texts.get(run, []) for run in runs):
-        return False
-    for run in runs:
-        status = server.get_json("data/plugin/scalars/scalars", run=run, tag=STATUS_TAG)
-        heatmaps = server.get_json("data/plugin/images/images", run=run, tag=HEATMAP)
-        if not status or not heatmaps or status[-1][1] < last_step - 1 or heatmaps[-1]["step"] < last_step:
-            return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def server(demo_dir: tuple[Path, int], tmp_path_factory: pytest.TempPathFactory) -> Iterator[TensorBoardServer]:
     logdir, last_step = demo_dir
     # the flag the demo tells users to start TensorBoard with: every step must be served
     with tensorboard_server(logdir, tmp_path_factory.mktemp("tb"), extra_args=[EVERY_STEP_FLAG]) as running:
-        running.wait_for(lambda: _loaded(running, last_step), "the demo's three runs in full")
+        runs = [patient.name for patient in PATIENTS]
+        running.wait_for(lambda: serves_in_full(running, runs, last_step), "the demo's three runs in full")
         yield running
 
 

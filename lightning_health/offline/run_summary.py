@@ -73,6 +73,17 @@ def death_onsets(run: RunHealth, dead_threshold: float) -> dict[str, int | None]
     return onsets
 
 
+def nonfinite_onsets(run: RunHealth) -> dict[str, int]:
+    """``{layer: first step}`` for each layer that counted NaN/Inf values (the ``nonfinite`` curves)."""
+    onsets = {}
+    for metric in NONFINITE_METRICS:
+        for layer, points in run.curves.get(metric, {}).items():
+            step = next((step for step, value in points if not math.isfinite(value) or value > 0), None)
+            if step is not None:
+                onsets[layer] = min(step, onsets.get(layer, step))
+    return onsets
+
+
 def first_nonfinite_step(run: RunHealth) -> int | None:
     """The first step at which any reading of any layer was NaN/Inf or counted non-finite values."""
     steps = []
@@ -92,6 +103,13 @@ _KIND_WORDS = {
     "vanishing_gradient": "gradients vanished",
     "saturated": "activations saturated",
     "collapsed": "the signal collapsed",
+    "inactive": "units fell silent",
+    "gradient_flow": "the gradient grew or shrank sharply across depth",
+    "stalled": "learning stalled",
+    "unstable": "updates too large for the weights",
+    "entropy_collapse": "attention entropy collapsed",
+    "logit_growth": "attention logits grew",
+    "massive_activation": "massive activations appeared",
 }
 
 

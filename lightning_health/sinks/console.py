@@ -58,11 +58,12 @@ class LayerRow:
 def _num(x: float | None) -> str:
     if x is None:
         return "-"
+    x = x + 0.0  # -0.0 (a max over an all-zero gradient) prints as 0
     return f"{x:.3g}" if not math.isfinite(x) or abs(x) < 1e5 else f"{x:.2e}"
 
 
 def _sci(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2e}"
+    return "-" if x is None else f"{x + 0.0:.2e}"
 
 
 @dataclasses.dataclass

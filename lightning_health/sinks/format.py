@@ -31,12 +31,38 @@ def finding_rows(findings: Sequence[Finding]) -> list[list[Any]]:
     ]  # fmt: skip
 
 
+#: What each kind of finding is called in the findings table.
+PROBLEM_NAMES = {
+    "nonfinite": "NaN/Inf values", "dead": "dead units", "exploding_gradient": "exploding gradient",
+    "vanishing_gradient": "vanishing gradient", "saturated": "saturation", "collapsed": "collapsed signal",
+    "inactive": "inactive units", "gradient_flow": "gradient flow across depth", "stalled": "stalled learning",
+    "unstable": "update too large", "entropy_collapse": "attention entropy collapse",
+    "logit_growth": "attention logit growth", "massive_activation": "massive activations",
+}  # fmt: skip
+
+
 def _cell(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _table_order(finding: Finding) -> tuple[int, int]:
+    """Active critical first, then active warnings, then cleared findings; each by onset."""
+    rank = 0 if finding.active and finding.severity == "critical" else (1 if finding.active else 2)
+    return rank, finding.step
+
+
+def _status_cell(finding: Finding) -> str:
+    if not finding.active:
+        return f"cleared by step {finding.last_step} (was {finding.severity})"
+    return f"**{finding.severity}**" if finding.severity == "critical" else finding.severity
+
+
 def findings_markdown(step: int, findings: Sequence[Finding]) -> str:
-    """The diagnosis as a Markdown table plus one hint per kind of problem (TensorBoard's text panel)."""
+    """The diagnosis as a Markdown table plus one hint per kind of problem (TensorBoard's text panel).
+
+    Five columns, so the table stays readable in TensorBoard's text tab: what is wrong most urgently
+    comes first (active critical findings, then warnings, then what has cleared).
+    """
     if not findings:
         return f"**No problems found** as of step {step}."
     active = [f for f in findings if f.active]
@@ -45,17 +71,19 @@ def findings_markdown(step: int, findings: Sequence[Finding]) -> str:
         f"**{len(active)} active finding(s), {critical} critical** as of step {step} "
         f"({len(findings) - len(active)} cleared).",
         "",
-        "| since step | layer | problem | severity | now | what it reads | worst |",
-        "|---:|---|---|---|---|---|---|",
+        "| layer | problem | status | since step | what it reads |",
+        "|---|---|---|---:|---|",
     ]
-    for f in findings:
-        now = "active" if f.active else f"cleared by {f.last_step}"
-        worst = f"{f.peak_severity} at step {f.peak_step}: {f.peak_message}" if f.peaked_earlier else "now"
-        cells = (str(f.step), f"`{_cell(f.layer)}`", f.kind, f.severity, now, _cell(f.message), _cell(worst))
+    for f in sorted(findings, key=_table_order):
+        reads = _cell(f.message)
+        if f.peaked_earlier:
+            reads += f" (worst: {f.peak_severity} at step {f.peak_step}: {_cell(f.peak_message)})"
+        cells = (_cell(f.layer), PROBLEM_NAMES.get(f.kind, f.kind), _status_cell(f), str(f.step), reads)
         lines.append("| " + " | ".join(cells) + " |")
     hints = {f.kind: f.hint for f in findings if f.hint}
     if hints:
-        lines += ["", "**What to try**", ""] + [f"- *{kind}*: {_cell(hint)}" for kind, hint in hints.items()]
+        lines += ["", "**What to try**", ""]
+        lines += [f"- *{PROBLEM_NAMES.get(kind, kind)}*: {_cell(hint)}" for kind, hint in hints.items()]
     return "\n".join(lines)
 
 
