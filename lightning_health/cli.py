@@ -130,17 +130,19 @@ def _report_command(args: argparse.Namespace) -> int:
     if not runs:
         return EXIT_NO_DATA
 
+    pngs: dict[str, str | None] = {}
+    png_failed = False
     try:
         pngs = _write_pngs(runs, args.png, args.per_run) if args.png else {}
-    except OSError as err:
+    except OSError as err:  # the report is still printed: the readings were fine, only the picture failed
         print(f"{PROG}: cannot write --png {args.png}: {err.strerror or err}; pick a writable path", file=sys.stderr)
-        return EXIT_NO_DATA
+        png_failed = True
     if args.json:
         json.dump(_report_json(runs, pngs), sys.stdout, indent=2, allow_nan=False)
         sys.stdout.write("\n")
     else:
         _print_report(runs, pngs, sys.stdout)
-    return EXIT_NO_DATA if problems else EXIT_OK
+    return EXIT_NO_DATA if problems or png_failed else EXIT_OK
 
 
 def _collect_runs(paths: Sequence[str]) -> tuple[list[RunHealth], list[str]]:
@@ -232,6 +234,8 @@ def _print_report(runs: list[RunHealth], pngs: dict[str, str | None], out: TextI
             out.write("\n")
         findings = _diagnose(run)
         _print_chart(_health_report(run, findings), out)
+        for damage in run.problems:  # a truncated file: say on stdout too that this report is partial
+            out.write(f"note: {damage}\n")
         course = course_of_disease(findings)
         if course:
             out.write("course of disease:\n" + "".join(f"  {line}\n" for line in course))

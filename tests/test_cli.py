@@ -227,8 +227,27 @@ def test_png_to_an_unwritable_place_is_one_line_and_exit_2(runs_dir: Path, tmp_p
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert main(["report", str(runs_dir), "--png", str(blocker / "x.png")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cannot write --png" in err
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and f"cannot write --png {blocker / 'x.png'}" in captured.err
+    assert "=== sick/version_0" in captured.out and "=== comparison" in captured.out  # the report still printed
+    assert "all runs side by side" not in captured.out
+
+
+def test_png_into_a_read_only_folder_is_one_line_and_exit_2(runs_dir: Path, tmp_path: Path, capsys) -> None:
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root): a read-only folder cannot be made")
+        assert main(["report", str(runs_dir / "sick"), "--png", str(locked / "panel.png")]) == 2
+    finally:
+        locked.chmod(0o700)
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and str(locked / "panel.png") in captured.err
+    assert "=== version_0" in captured.out
 
 
 def test_truncated_event_file_warns_with_what_was_read(runs_dir: Path, capsys) -> None:
@@ -236,5 +255,9 @@ def test_truncated_event_file_warns_with_what_was_read(runs_dir: Path, capsys) -
     data = events.read_bytes()
     events.write_bytes(data[: len(data) - 7])
     assert main(["report", str(runs_dir / "sick")]) == 0
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.count("\n") == 1
     assert "warning" in err and "truncated" in err and "whole record(s)" in err and "up to step" in err
+    # the printed report says so too, so a report saved to a file is not taken for the whole run
+    assert "note: " in captured.out and "truncated" in captured.out and "up to step" in captured.out
