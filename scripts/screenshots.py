@@ -40,29 +40,30 @@ CHROMIUM_FLAGS = (
 
 @dataclass(frozen=True)
 class View:
-    """One screenshot: a TensorBoard page (the part after the server's address) and a window size."""
+    """One screenshot: a TensorBoard page (the part after the server's address), the window, what to keep.
+
+    ``rows`` keeps only that band of the page (top, bottom, in pixels); ``legend`` then pastes the
+    sidebar's run list (which run has which colour) into the kept band's empty left column.
+    """
 
     name: str
     page: str
     width: int = 1400
     height: int = 1000
-    what: str = ""
+    rows: tuple[int, int] | None = None
+    legend: bool = False
 
 
-# Legacy dashboards keep their settings in the URL hash: no smoothing, so a step from 0 to 2 shows as a step.
+RUN_LIST = (0, 405, 340, 600)  # the sidebar's "Runs" block (left, top, right, bottom) at 1400 px wide
+# Legacy dashboards keep settings in the URL hash: no smoothing, so a status step from 0 to 2 stays a step.
 VIEWS = (
-    View("tb_panel", "#custom_scalars&_smoothingWeight=0", 1400, 1000, "Custom Scalars: the health: status category"),
-    View(
-        "tb_panel_layers",
-        "#custom_scalars&_smoothingWeight=0&_categoryFilter=dead",
-        1400,
-        1000,
-        "Custom Scalars: one dead-fraction chart per layer",
-    ),
-    View("tb_status", "#scalars&_smoothingWeight=0&tagFilter=health%2Fstatus", 1400, 700, "Scalars: health/status"),
-    View("tb_heatmap", "#images&tagFilter=heatmap&_actualSize=true", 1400, 1150, "Images: the dead-fraction heatmap"),
-    View("tb_findings", "#text&tagFilter=findings", 1400, 1000, "Text: the findings"),
+    View("tb_panel", "#custom_scalars&_smoothingWeight=0"),
+    View("tb_panel_layers", "#custom_scalars&_smoothingWeight=0", height=1800, rows=(1070, 1745), legend=True),
+    View("tb_status", "#scalars&_smoothingWeight=0&tagFilter=health%2Fstatus", height=660, rows=(0, 470)),
+    View("tb_heatmap", "#images&tagFilter=dead_fraction_heatmap", height=1100, rows=(0, 665)),
+    View("tb_findings", "#text&tagFilter=findings", height=1100),
 )
+HEATMAP_TAG = "health/dead_fraction_heatmap"
 
 
 def find_chromium(explicit: str | None = None) -> str | None:
@@ -97,6 +98,18 @@ def run_demo(out_dir: Path, epochs: int) -> int:
     return epochs * 5  # 80 samples, batches of 16
 
 
+def _keep_rows(path: Path, view: View) -> None:
+    from PIL import Image
+
+    if view.rows is None:
+        return
+    with Image.open(path) as page:
+        band = page.crop((0, view.rows[0], page.width, view.rows[1]))
+        if view.legend:
+            band.paste(page.crop(RUN_LIST), (0, 40))
+    band.save(path, optimize=True)
+
+
 def take(server: TensorBoardServer, chromium: str, views: Sequence[View], out_dir: Path) -> list[Path]:
     """Every view of ``views`` from the running ``server`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -104,6 +117,18 @@ def take(server: TensorBoardServer, chromium: str, views: Sequence[View], out_di
     for view in views:
         target = out_dir / f"{view.name}.png"
         screenshot(chromium, server.url + view.page, target, view.width, view.height)
+        _keep_rows(target, view)
+        written.append(target)
+    return written
+
+
+def save_heatmaps(server: TensorBoardServer, runs: Sequence[str], out_dir: Path) -> list[Path]:
+    """Each run's last heatmap, the PNG exactly as TensorBoard serves it (W&B gets the same picture)."""
+    written = []
+    for run in runs:
+        (*_, last) = server.get_json("data/plugin/images/images", run=run, tag=HEATMAP_TAG)
+        target = out_dir / f"heatmap_{run}.png"
+        target.write_bytes(server.get_bytes("data/plugin/images/individualImage?" + last["query"]))
         written.append(target)
     return written
 
@@ -126,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tensorboard_server(runs, tmp, extra_args=[EVERY_STEP_FLAG]) as server:
             names = [patient.name for patient in PATIENTS]
             server.wait_for(lambda: serves_in_full(server, names, last_step), "the demo's runs in full", timeout=60)
-            for path in take(server, chromium, views, args.out):
+            shots = take(server, chromium, views, args.out)
+            for path in shots + (save_heatmaps(server, names, args.out) if not args.only else []):
                 print(f"wrote {path} ({path.stat().st_size // 1024} KiB)")
     return 0
 
