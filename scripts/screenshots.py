@@ -43,7 +43,7 @@ class View:
     """One screenshot: a TensorBoard page (the part after the server's address), the window, what to keep.
 
     ``rows`` keeps only that band of the page (top, bottom, in pixels); ``legend`` then pastes the
-    sidebar's run list (which run has which colour) into the kept band's empty left column.
+    sidebar's run list (which run has which colour) at that point of the band, where the page is empty.
     """
 
     name: str
@@ -51,15 +51,15 @@ class View:
     width: int = 1400
     height: int = 1000
     rows: tuple[int, int] | None = None
-    legend: bool = False
+    legend: tuple[int, int] | None = None
 
 
-RUN_LIST = (0, 405, 340, 600)  # the sidebar's "Runs" block (left, top, right, bottom) at 1400 px wide
+RUN_LIST = (0, 405, 340, 588)  # the sidebar's "Runs" block (left, top, right, bottom) at 1400 px wide
 # Legacy dashboards keep settings in the URL hash: no smoothing, so a status step from 0 to 2 stays a step.
 VIEWS = (
     View("tb_panel", "#custom_scalars&_smoothingWeight=0"),
-    View("tb_panel_layers", "#custom_scalars&_smoothingWeight=0", height=1800, rows=(1070, 1745), legend=True),
-    View("tb_status", "#scalars&_smoothingWeight=0&tagFilter=health%2Fstatus", height=660, rows=(0, 470)),
+    View("tb_panel_layers", "#custom_scalars&_smoothingWeight=0", height=1800, rows=(1070, 1745), legend=(0, 40)),
+    View("tb_status", "#scalars&_smoothingWeight=0&tagFilter=health%2Fstatus", height=660, rows=(0, 470), legend=(760, 190)),
     View("tb_heatmap", "#images&tagFilter=dead_fraction_heatmap", height=1100, rows=(0, 665)),
     View("tb_findings", "#text&tagFilter=findings", height=1100),
 )
@@ -105,8 +105,8 @@ def _keep_rows(path: Path, view: View) -> None:
         return
     with Image.open(path) as page:
         band = page.crop((0, view.rows[0], page.width, view.rows[1]))
-        if view.legend:
-            band.paste(page.crop(RUN_LIST), (0, 40))
+        if view.legend is not None:
+            band.paste(page.crop(RUN_LIST), view.legend)
     band.save(path, optimize=True)
 
 
