@@ -59,7 +59,7 @@ RUN_LIST = (0, 405, 340, 588)  # the sidebar's "Runs" block (left, top, right, b
 VIEWS = (
     View("tb_panel", "#custom_scalars&_smoothingWeight=0"),
     View("tb_panel_layers", "#custom_scalars&_smoothingWeight=0", height=1800, rows=(1070, 1745), legend=(0, 40)),
-    View("tb_status", "#scalars&_smoothingWeight=0&tagFilter=health%2Fstatus", height=660, rows=(0, 470), legend=(760, 190)),
+    View("tb_status", "#scalars&_smoothingWeight=0&tagFilter=health%2Fstatus", 1400, 660, (0, 470), (760, 190)),
     View("tb_heatmap", "#images&tagFilter=dead_fraction_heatmap", height=1100, rows=(0, 665)),
     View("tb_findings", "#text&tagFilter=findings", height=1100),
 )

@@ -154,7 +154,10 @@ def test_report_png_draws_one_panel_per_run(runs_dir: Path, tmp_path: Path, caps
     files = sorted(p.name for p in target.parent.iterdir())
     assert files == ["panel-healthy_version_0.png", "panel-sick_version_0.png", "panel.png"]
     assert f"all runs side by side: {target}" in out
-    assert matplotlib.image.imread(target).shape[0] > 600  # the status row plus one row per run
+    comparison = matplotlib.image.imread(target)
+    assert comparison.shape[0] > 600  # the status row plus one row per run
+    # the sick run's dead-fraction chart spans its steps and shades where it went NaN/Inf (step 80 on)
+    assert _colour_pixels(comparison, (0.868, 0.935, 1.0), tolerance=0.02) > 1000
     assert f"panel: {target.parent / 'panel-sick_version_0.png'}" in out
 
     image = matplotlib.image.imread(target.parent / "panel-sick_version_0.png")

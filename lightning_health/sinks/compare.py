@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
     from lightning_health.offline.event_reader import RunHealth
 
+NAN_BLUE = "#1e90ff"  # the heatmap's NaN/Inf blue (30, 144, 255)
 #: ``(key in the status series, chart title)`` of the top row.
 STATUS_CHARTS = (
     ("status", "status (0 ok, 1 warning, 2 critical)"),
@@ -35,7 +37,7 @@ def comparison_figure(runs: Sequence[RunHealth]) -> Figure:
     Raises:
         ModuleNotFoundError: If matplotlib is not installed.
     """
-    from lightning_health.sinks.panel import _MATPLOTLIB_AVAILABLE, _layer_colours
+    from lightning_health.sinks.panel import _MATPLOTLIB_AVAILABLE
 
     if not _MATPLOTLIB_AVAILABLE:
         raise ModuleNotFoundError("Drawing the report needs `matplotlib`; pip install 'lightning_health[plot]'")
@@ -44,8 +46,6 @@ def comparison_figure(runs: Sequence[RunHealth]) -> Figure:
     from matplotlib.figure import Figure
 
     from lightning_health.offline.run_summary import status_series
-    from lightning_health.sinks.heatmap import heatmap_cells
-    from lightning_health.sinks.heatmap_figure import cell_colours
 
     figure = Figure(figsize=(18.0, 3.4 * (1 + len(runs))), dpi=90, layout="constrained")
     FigureCanvasAgg(figure)
@@ -66,31 +66,50 @@ def comparison_figure(runs: Sequence[RunHealth]) -> Figure:
             axes.set_yticks([0, 1, 2], labels=["ok", "warning", "critical"])
             axes.set_ylim(-0.2, 2.2)
     for row, run in enumerate(runs, start=1):
-        curves = run.curves.get("dead_fraction", {})
-        lines = figure.add_subplot(grid[row, :2])
-        layers = list(curves)
-        for layer, colour in zip(layers, _layer_colours(len(layers))):
-            points = curves[layer]
-            ys = [v if math.isfinite(v) else np.nan for _, v in points]
-            lines.plot([s for s, _ in points], ys, color=colour, linewidth=1.8, label=layer)
-        lines.set_ylim(-0.03, 1.03)
-        lines.set_title(f"{run.name}: dead fraction per layer", fontsize=10)
-        lines.set_xlabel("step")
-        lines.grid(True, alpha=0.3)
-        if layers:
-            lines.legend(fontsize="x-small", loc="best", ncol=1 if len(layers) <= 10 else 2)
-        heat = figure.add_subplot(grid[row, 2:])
-        names, steps, values, broken = heatmap_cells(curves, layers, 120, run.curves.get("nonfinite", {}))
-        if values.size:
-            heat.imshow(cell_colours(values, broken), aspect="auto", interpolation="nearest")
-            heat.set_yticks(range(len(names)), labels=names, fontsize="x-small")
-            ticks = np.unique(np.linspace(0, values.shape[1] - 1, num=min(values.shape[1], 8)).round().astype(int))
-            heat.set_xticks(ticks, labels=[str(steps[i]) for i in ticks])
-        else:
-            heat.text(0.5, 0.5, "no dead-fraction readings", ha="center", va="center", transform=heat.transAxes)
-        heat.set_title(f"{run.name}: layer x step (black alive, yellow dead, blue NaN/Inf)", fontsize=10)
-        heat.set_xlabel("step")
+        _dead_fraction_lines(figure.add_subplot(grid[row, :2]), run)
+        _heatmap(figure.add_subplot(grid[row, 2:]), run)
     return figure
+
+
+def _dead_fraction_lines(lines: Axes, run: RunHealth) -> None:
+    """A line per layer over the run's whole step range; where the run went NaN/Inf, a blue band says so."""
+    from lightning_health.offline.run_summary import first_nonfinite_step
+    from lightning_health.sinks.panel import _layer_colours
+
+    curves = run.curves.get("dead_fraction", {})
+    layers = list(curves)
+    for layer, colour in zip(layers, _layer_colours(len(layers))):
+        points = curves[layer]
+        ys = [v if math.isfinite(v) else np.nan for _, v in points]
+        lines.plot([s for s, _ in points], ys, color=colour, linewidth=1.8, label=layer)
+    broken, last = first_nonfinite_step(run), run.last_step
+    if last is not None and last > 0:
+        lines.set_xlim(0, last)  # a run whose curves stop early (NaN) still spans its steps
+    if broken is not None and last is not None and broken < last:
+        lines.axvspan(broken, last, color=NAN_BLUE, alpha=0.15, label=f"NaN/Inf from step {broken}")
+    lines.set_ylim(-0.03, 1.03)
+    lines.set_title(f"{run.name}: dead fraction per layer", fontsize=10)
+    lines.set_xlabel("step")
+    lines.grid(True, alpha=0.3)
+    if layers:
+        lines.legend(fontsize="x-small", loc="best", ncol=1 if len(layers) <= 10 else 2)
+
+
+def _heatmap(heat: Axes, run: RunHealth) -> None:
+    from lightning_health.sinks.heatmap import heatmap_cells
+    from lightning_health.sinks.heatmap_figure import cell_colours
+
+    curves = run.curves.get("dead_fraction", {})
+    names, steps, values, broken = heatmap_cells(curves, list(curves), 120, run.curves.get("nonfinite", {}))
+    if values.size:
+        heat.imshow(cell_colours(values, broken), aspect="auto", interpolation="nearest")
+        heat.set_yticks(range(len(names)), labels=names, fontsize="x-small")
+        ticks = np.unique(np.linspace(0, values.shape[1] - 1, num=min(values.shape[1], 8)).round().astype(int))
+        heat.set_xticks(ticks, labels=[str(steps[i]) for i in ticks])
+    else:
+        heat.text(0.5, 0.5, "no dead-fraction readings", ha="center", va="center", transform=heat.transAxes)
+    heat.set_title(f"{run.name}: layer x step (black alive, yellow dead, blue NaN/Inf)", fontsize=10)
+    heat.set_xlabel("step")
 
 
 def save_comparison(runs: Sequence[RunHealth], path: str | os.PathLike[str]) -> None:
