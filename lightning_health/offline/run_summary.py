@@ -75,7 +75,7 @@ def death_onsets(run: RunHealth, dead_threshold: float) -> dict[str, int | None]
 
 def nonfinite_onsets(run: RunHealth) -> dict[str, int]:
     """``{layer: first step}`` for each layer that counted NaN/Inf values (the ``nonfinite`` curves)."""
-    onsets = {}
+    onsets: dict[str, int] = {}
     for metric in NONFINITE_METRICS:
         for layer, points in run.curves.get(metric, {}).items():
             step = next((step for step, value in points if not math.isfinite(value) or value > 0), None)

@@ -13,6 +13,10 @@ from lightning_health.sinks.heatmap import _BROKEN, _MISSING
 _MAX_LABEL = 40
 
 
+def _rgb01(rgb: tuple[int, int, int]) -> tuple[float, float, float]:
+    return rgb[0] / 255.0, rgb[1] / 255.0, rgb[2] / 255.0
+
+
 def _short(name: str) -> str:
     return name if len(name) <= _MAX_LABEL else "…" + name[-(_MAX_LABEL - 1) :]
 
@@ -53,9 +57,9 @@ def heatmap_figure_rgb(
     axes.set_title(title, fontsize=11)
     bar = figure.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap), ax=axes, fraction=0.04, pad=0.02)
     bar.set_label("dead fraction", fontsize=9)
-    handles = [Patch(color=np.array(_MISSING) / 255.0, label="no reading yet")]
+    handles = [Patch(color=_rgb01(_MISSING), label="no reading yet")]
     if broken.any():
-        handles.insert(0, Patch(color=np.array(_BROKEN) / 255.0, label="NaN/Inf"))
+        handles.insert(0, Patch(color=_rgb01(_BROKEN), label="NaN/Inf"))
     figure.legend(handles=handles, loc="outside lower right", ncol=len(handles), fontsize=8, frameon=False)
     canvas = figure.canvas
     canvas.draw()
