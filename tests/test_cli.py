@@ -264,3 +264,13 @@ def test_truncated_event_file_warns_with_what_was_read(runs_dir: Path, capsys) -
     assert "warning" in err and "truncated" in err and "whole record(s)" in err and "up to step" in err
     # the printed report says so too, so a report saved to a file is not taken for the whole run
     assert "note: " in captured.out and "truncated" in captured.out and "up to step" in captured.out
+
+
+def test_negative_zero_prints_as_zero() -> None:
+    from lightning_health.sinks.console import HealthReport
+
+    # a dead layer's largest gradient is the max over an all-zero tensor, which can be -0.0
+    latest = {"net.1": {"act_mean": -0.0, "act_std": 0.0, "grad_std": 0.0, "grad_max": -0.0, "dead_fraction": 1.0}}
+    text = HealthReport.from_latest("dead", 5, latest, []).render_text()
+    row = next(line for line in text.splitlines() if line.startswith("net.1"))
+    assert "-0" not in row and "0.00e+00" in row
