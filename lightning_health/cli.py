@@ -342,7 +342,7 @@ def _writable_dir(path: Path) -> str | None:
 
 
 def _demo_command(args: argparse.Namespace) -> int:
-    from lightning_health.offline.demo import EVERY_STEP_FLAG, PATIENTS, train_patient
+    from lightning_health.offline.demo import EVERY_STEP_FLAG, PATIENTS, quiet_training, train_patient
 
     out_dir = Path(args.out)
     why = _writable_dir(out_dir)
@@ -359,7 +359,8 @@ def _demo_command(args: argparse.Namespace) -> int:
         stream.write(f"\n>>> training the {patient.label} patient for {args.epochs} epochs\n")
         stream.flush()
         try:
-            run = train_patient(patient, out_dir, epochs=args.epochs, progress=not args.no_progress)
+            with quiet_training():
+                run = train_patient(patient, out_dir, epochs=args.epochs, progress=not args.no_progress)
         except OSError as err:
             print(f"{PROG}: cannot write the demo runs to --out {out_dir}: {err}", file=sys.stderr)
             return EXIT_NO_DATA

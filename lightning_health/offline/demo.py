@@ -10,7 +10,11 @@ and exploding (N(0, 1) initialisation, lr 0.8: NaN from step 3). Each run gets a
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -45,6 +49,29 @@ PATIENTS: tuple[Patient, ...] = (HEALTHY, DYING, EXPLODING)
 #: TensorBoard's flag to serve every logged step. Not ``=0``: TensorBoard 2.x reads 0 as "downsample to
 #: zero points" and shows empty charts; without the flag it serves a sample (1000 scalars, 10 images a tag).
 EVERY_STEP_FLAG = "--samples_per_plugin=scalars=100000,histograms=10000,images=10000,text=10000"
+
+
+@contextlib.contextmanager
+def quiet_training() -> Iterator[None]:
+    """Keep the demo's printout to the diagnosis: no Lightning banners and tips, no live warnings.
+
+    The monitor's critical findings still happen (and are printed after each run); only their
+    ``RuntimeWarning`` echoes, and Lightning's info lines and deprecation notices, are held back.
+    """
+    import lightning_health.callback  # noqa: F401  (imports Lightning now: its import sets its loggers to INFO)
+
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "pytorch_lightning")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="critical health finding", category=RuntimeWarning)
+            warnings.filterwarnings("ignore", module=r"(lightning|pytorch_lightning)\.")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 @dataclass
