@@ -76,8 +76,8 @@ def findings_markdown(step: int, findings: Sequence[Finding]) -> str:
     ]
     for f in sorted(findings, key=_table_order):
         reads = _cell(f.message)
-        if f.peaked_earlier:
-            reads += f" (worst: {f.peak_severity} at step {f.peak_step}: {_cell(f.peak_message)})"
+        if f.peaked_earlier:  # on a line of its own: a shorter widest line leaves the narrow columns room
+            reads += f"<br>worst: {f.peak_severity} at step {f.peak_step}: {_cell(f.peak_message)}"
         cells = (_cell(f.layer), PROBLEM_NAMES.get(f.kind, f.kind), _status_cell(f), str(f.step), reads)
         lines.append("| " + " | ".join(cells) + " |")
     hints = {f.kind: f.hint for f in findings if f.hint}
