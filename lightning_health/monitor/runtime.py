@@ -120,8 +120,7 @@ class Runtime:
         """Collect the modules' parameters (again after ``configure_model`` replaced them: FSDP2, TP)."""
         self.groups = layer_param_groups([(n, m) for n, m in pl_module.named_modules() if n])
         self.norms = StepParamNorms(self.groups)
-        if not hasattr(self, "updates"):
-            self.updates = UpdateTracker(self.groups, self.max_bytes)
+        self.updates = UpdateTracker(self.groups, self.max_bytes)
 
     def arm(self, grad_scale: Tensor | None) -> None:
         """Read the coming forward and backward passes."""
