@@ -50,9 +50,7 @@ def state_key(name: str | None, layers: Any) -> str:
     return f"{PREFIX}{{'layers': {stable_layers_repr(layers)!r}}}"
 
 
-def old_state(
-    callbacks: Mapping[Any, Any], own_key: str, other_keys: Iterable[str]
-) -> tuple[str | None, list[str]]:
+def old_state(callbacks: Mapping[Any, Any], own_key: str, other_keys: Iterable[str]) -> tuple[str | None, list[str]]:
     """The key of a monitor state this monitor should adopt, and every candidate seen.
 
     Called when ``callbacks`` (a checkpoint's ``"callbacks"``) holds nothing under ``own_key``: a
@@ -64,3 +62,21 @@ def old_state(
     claimed = set(other_keys)
     candidates = [k for k in callbacks if isinstance(k, str) and k.startswith(PREFIX + "{") and k not in claimed]
     return (candidates[0] if len(candidates) == 1 else None), candidates
+
+
+def adopt_old_state(checkpoint: dict[str, Any], own_key: str, other_keys: Iterable[str]) -> str | None:
+    """Move a monitor state saved under another key (an older version's, a renamed monitor) to ``own_key``.
+
+    Returns the note to show, or ``None`` when there is nothing to say.
+    """
+    states = checkpoint.get("callbacks") or {}
+    key, candidates = old_state(states, own_key, other_keys)
+    if key is not None:
+        states[own_key] = states[key]  # Lightning then passes it to load_state_dict
+        return f"HealthMonitor: resuming the monitor state saved under {key!r} (now {own_key!r})"
+    if candidates:
+        return (
+            f"HealthMonitor: no state under {own_key!r} and several monitor states in the checkpoint "
+            f"({candidates}); starting afresh. Pass the same `name=` as the saved monitor to resume it"
+        )
+    return None

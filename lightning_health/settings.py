@@ -78,3 +78,31 @@ def optional_name(name: str, value: object) -> str | None:
     if value is not None and (not isinstance(value, str) or not value):
         raise TypeError(f"Expected `{name}` to be None or a non-empty string, got {value!r}")
     return value
+
+
+def as_config(monitor: Any) -> dict[str, Any]:
+    """A monitor's settings as plain values (what goes into a W&B run's config)."""
+    import dataclasses
+
+    from lightning_health.resume import stable_layers_repr
+
+    return {
+        "name": monitor.name,
+        "every_n_steps": monitor.every_n_steps,
+        "layers_spec": stable_layers_repr(monitor.layers),
+        "dead_window": monitor.dead_window,
+        "histogram_bins": monitor.histogram_bins,
+        "histogram_samples": monitor.histogram_samples,
+        "log_histograms": monitor.log_histograms,
+        "on_critical": monitor.on_critical,
+        "saturation_margin": monitor.saturation_margin,
+        "max_overhead": monitor.max_overhead,
+        "burst_steps": monitor.burst_steps,
+        "compile_reductions": monitor.compile_reductions,
+        "thresholds": dataclasses.asdict(monitor.thresholds),
+        "dashboard": monitor.dashboard,
+        "heatmap_every_n_samples": monitor.heatmap_every_n_samples,
+        "update_ratio_max_bytes": monitor.update_ratio_max_bytes,
+        "attention": monitor.attention if isinstance(monitor.attention, bool) else repr(monitor.attention),
+        **dataclasses.asdict(monitor.rescue_settings),
+    }

@@ -14,6 +14,7 @@ model on one process on the global batch: the reference (the test calls :func:`f
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -30,6 +31,7 @@ from lightning_health import HealthMonitor
 STEPS = 3
 BATCH = 4
 HIDDEN = 8
+LR = float(os.environ.get("SHARDED_FIT_LR", "0"))  # 0 keeps the weights (the readings test); > 0: learning readings
 DEAD_UNIT = 5  # never fires on any example: the alive fraction of `act` is 7/8
 
 
@@ -43,7 +45,7 @@ def global_batch(dp_size: int, step: int) -> torch.Tensor:
 
 
 class TinyMLP(pl.LightningModule):
-    """Linear 4->8, ReLU, Linear 8->2; unit 5 of the hidden layer is dead; lr 0 keeps the weights."""
+    """Linear 4->8, ReLU, Linear 8->2; unit 5 of the hidden layer is dead; ``LR`` 0 keeps the weights."""
 
     def __init__(self, mode: str = "single", dp_size: int = 1) -> None:
         super().__init__()
@@ -83,7 +85,7 @@ class TinyMLP(pl.LightningModule):
         return self(x).square().sum()  # a sum: activation gradients add up over ranks like the examples
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.0)
+        return torch.optim.SGD(self.parameters(), lr=LR)
 
 
 class Recorder(pl.Callback):

@@ -27,8 +27,8 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(mode: str, out: Path) -> dict[int, dict]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+def _run(mode: str, out: Path, lr: float = 0.0) -> dict[int, dict]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "SHARDED_FIT_LR": str(lr)}
     done = subprocess.run(
         [sys.executable, "-m", "tests.sharded_fit", mode, str(out)], cwd=ROOT, env=env, capture_output=True, timeout=240
     )
@@ -80,3 +80,40 @@ def test_model_parallel_readings_equal_one_process_on_the_global_batch(tmp_path,
             assert min(norms[layer]) > 0
     # the sync is all-reduces only (no all_gather), each of a size fixed by the model
     assert ranks[0]["calls"] == ranks[1]["calls"] and {c for c, _b in ranks[0]["calls"]} == {"all_reduce"}
+
+
+def _learning_reference(dp_size: int, lr: float) -> dict[str, dict[str, list[float]]]:
+    """Plain torch SGD on the global batch: per module, ||W|| before each step and its update ratio."""
+    model = F.TinyMLP()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    out: dict[str, dict[str, list[float]]] = {
+        "param_norm": {"up": [], "down": []},
+        "update_ratio": {"up": [], "down": []},
+    }
+    for step in range(F.STEPS):
+        before = {
+            n: torch.cat([p.detach().reshape(-1).clone() for p in getattr(model, n).parameters()])
+            for n in ("up", "down")
+        }
+        optimizer.zero_grad()
+        (model(F.global_batch(dp_size, step)).square().sum() / dp_size).backward()
+        optimizer.step()
+        for name, w in before.items():
+            after = torch.cat([p.detach().reshape(-1) for p in getattr(model, name).parameters()])
+            out["param_norm"][name].append(w.norm().item())
+            out["update_ratio"][name].append(((after - w).norm() / w.norm()).item())
+    return out
+
+
+@pytest.mark.parametrize("mode, dp_size", [("fsdp", 2), ("tp", 1)])
+def test_model_parallel_update_ratio_and_param_norm_are_global(tmp_path, mode, dp_size):
+    """Read from the sharded parameters (collected after configure_model), not the unsharded ones from setup."""
+    lr = 0.01
+    ranks = _run(mode, tmp_path, lr=lr)
+    reference = _learning_reference(dp_size, lr)
+    for rank in (0, 1):
+        for metric, layers in reference.items():
+            for layer, expected in layers.items():
+                got = [v for _s, v in ranks[rank]["readings"][metric][layer]]
+                assert got == pytest.approx(expected, rel=1e-4), (rank, metric, layer)
+                assert min(got) > 0

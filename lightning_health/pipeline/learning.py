@@ -23,18 +23,23 @@ budget. A module larger than the budget on its own is never read (the monitor sa
 Parameters that do not require a gradient at snapshot time (frozen after set-up) are not copied:
 they read 0 update. Modules frozen before set-up are not among the groups at all, like
 ``param_grad_norm``. Under DDP the parameters are replicated, so every rank computes the same
-numbers locally; no collective is needed.
+numbers locally; no collective is needed. Sharded parameters (FSDP2 ``fully_shard``, tensor
+parallel: DTensors) are read from each rank's local shard, weighted so a shard held by several ranks
+counts once, and one sum all-reduce per read gives every rank the global norms.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_health.capture.sharding import local_tensor
 from lightning_health.diagnosis.learning import UpdateWindow, depth_profile
-from lightning_health.readings.update import group_norms, snapshot, update_norms, update_ratio
+from lightning_health.pipeline.sync import replica_weight, sum_across_ranks, world_size
+from lightning_health.readings.update import group_squares, snapshot, update_ratio, update_squares
 
 Groups = Sequence[tuple[str, list[torch.nn.Parameter]]]
 
@@ -64,6 +69,25 @@ class UpdateTracker:
         self.peak_bytes = 0  # the largest snapshot taken so far
         self._live: list[torch.nn.Parameter] = []
         self._norms: Tensor | None = None
+        # sharded parameters (FSDP2, tensor parallel): local shards, weighted so each element counts once
+        self.sharded = any(hasattr(p, "placements") for _name, params in self.groups for p in params)
+        self._weights: dict[Any, Tensor] = {}
+
+    def _global_squares(self, squares: Tensor) -> Tensor:
+        """Per-group sums of squares over the whole model: one sum all-reduce when sharded, else as is."""
+        return sum_across_ranks(squares) if self.sharded else squares
+
+    def _shard_weights(self, params: Sequence[Tensor], device: torch.device) -> Tensor | None:
+        """Each parameter's replica weight (see :func:`~lightning_health.pipeline.sync.replica_weight`), cached."""
+        if not self.sharded:
+            return None
+        key = (tuple(id(p) for p in params), device)
+        if key not in self._weights:
+            world = world_size()
+            self._weights[key] = torch.tensor(
+                [replica_weight(p, world) for p in params], dtype=torch.float64, device=device
+            )
+        return self._weights[key]
 
     def _choose(self) -> list[int]:
         """The groups to read this step: all, or the next ones round-robin that fit ``max_bytes``."""
@@ -93,7 +117,9 @@ class UpdateTracker:
         if self._owners is None or self._owners.device != device:
             owners = [g for g, (_name, group) in enumerate(self.groups) for _p in group]
             self._owners = torch.tensor(owners, dtype=torch.long, device=device)
-        norms = group_norms([p.detach() for p in params], self._owners, len(self.groups))
+        local = [local_tensor(p.detach()) for p in params]
+        weights = self._shard_weights(params, device)
+        norms = self._global_squares(group_squares(local, self._owners, len(self.groups), weights)).sqrt_()
         chosen = self._choose() if self.max_bytes != 0 else []
         live: list[torch.nn.Parameter] = []
         slots: list[int] = []
@@ -102,7 +128,7 @@ class UpdateTracker:
                 if p.requires_grad:
                     live.append(p)
                     slots.append(slot)
-        copy = snapshot(live)
+        copy = snapshot([local_tensor(p.detach()) for p in live])
         self.peak_bytes = max(self.peak_bytes, sum(t.numel() * t.element_size() for t in copy))
         self._live = live
         owners_t = torch.tensor(slots, dtype=torch.long, device=device)
@@ -120,7 +146,9 @@ class UpdateTracker:
         chosen, copy, owners, picked = self._before
         self._before = None
         live, self._live = self._live, []
-        deltas = update_norms(copy, live, owners, len(chosen))
+        weights = self._shard_weights(live, owners.device)
+        local = [local_tensor(p.detach()) for p in live]
+        deltas = self._global_squares(update_squares(copy, local, owners, len(chosen), weights)).sqrt_()
         del copy
         assert self._norms is not None
         return torch.cat([self._norms, update_ratio(deltas, picked)]), chosen

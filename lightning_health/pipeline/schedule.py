@@ -16,6 +16,8 @@ step's one synced vector), so ranks never disagree about which step is sampled:
 from __future__ import annotations
 
 import math
+import time
+import warnings
 from typing import Any
 
 MAX_INTERVAL = 1_000_000
@@ -103,7 +105,56 @@ class SamplingSchedule:
     def state_dict(self) -> dict[str, Any]:
         return {"interval": self.interval, "next_step": self.next_step, "burst_until": self.burst_until}
 
+    def resume(self, state: dict[str, Any], saved_every: int) -> None:
+        """Load a saved schedule; one saved at another cadence keeps only its burst, with a note."""
+        if saved_every != self.every_n_steps:
+            warnings.warn(
+                f"HealthMonitor: resuming a run sampled every {saved_every} steps with every_n_steps="
+                f"{self.every_n_steps}; its history carries over and sampling continues at the new cadence",
+                UserWarning,
+                stacklevel=3,
+            )
+            state = {"burst_until": state.get("burst_until", -1)}
+        self.load_state_dict(state)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.interval = int(state.get("interval", self.interval))
         self.next_step = int(state.get("next_step", self.next_step))
         self.burst_until = int(state.get("burst_until", self.burst_until))
+
+
+class StepTimer:
+    """Optimizer steps timed start to start, for the overhead budget; a sampled step includes the monitor's work.
+
+    The plain-step time is a running average; the sampled-step time is the latest. Step 0 (warm-up)
+    and steps around a validation pass (:meth:`pause`) are not timed.
+    """
+
+    def __init__(self) -> None:
+        self._current: tuple[int, float, bool] | None = None  # (step, start time, was it sampled)
+        self.sampled_seconds = math.nan
+        self.idle_seconds = math.nan
+
+    def start(self, step: int) -> None:
+        """A training batch of optimizer step ``step`` starts (the first micro-batch closes the previous step)."""
+        if self._current is not None and self._current[0] == step:
+            return  # another micro-batch of the same optimizer step
+        now = time.perf_counter()
+        current = self._current
+        if current is not None and step == current[0] + 1 and current[0] > 0:
+            seconds = now - current[1]
+            if current[2]:
+                self.sampled_seconds = seconds
+            else:
+                idle = self.idle_seconds
+                self.idle_seconds = seconds if math.isnan(idle) else 0.8 * idle + 0.2 * seconds
+        self._current = (step, now, False)
+
+    def mark_sampled(self) -> None:
+        """The step being timed is a sampled one."""
+        if self._current is not None:
+            self._current = (self._current[0], self._current[1], True)
+
+    def pause(self) -> None:
+        """A validation pass between two steps is not training time."""
+        self._current = None

@@ -23,23 +23,31 @@ import torch
 from torch import Tensor
 
 
-def group_norms(tensors: Sequence[Tensor], owners: Tensor, groups: int) -> Tensor:
-    """The L2 norm of each group's tensors, in one ``_foreach_norm`` and one segment sum.
+def group_squares(tensors: Sequence[Tensor], owners: Tensor, groups: int, weights: Tensor | None = None) -> Tensor:
+    """The sum of squares of each group's tensors, in one ``_foreach_norm`` and one segment sum.
 
     Args:
-        tensors: the tensors, all on one device.
+        tensors: the tensors, all on one device (plain tensors: a sharded parameter's local shard).
         owners: a long tensor on that device: the group index of each tensor.
         groups: how many groups (groups without a tensor read 0).
+        weights: per tensor, the weight of its squares (a shard held by several ranks counts once in
+            a sum over ranks, see :func:`lightning_health.pipeline.sync.replica_weight`).
 
     Returns:
-        A float64 vector of ``groups`` norms.
+        A float64 vector of ``groups`` sums.
     """
-    device = owners.device
-    out = torch.zeros(groups, dtype=torch.float64, device=device)
+    out = torch.zeros(groups, dtype=torch.float64, device=owners.device)
     if not tensors:
         return out
     squares = torch.stack(torch._foreach_norm(list(tensors))).to(torch.float64).square()
-    return out.index_add_(0, owners, squares).sqrt_()
+    if weights is not None:
+        squares = squares * weights
+    return out.index_add_(0, owners, squares)
+
+
+def group_norms(tensors: Sequence[Tensor], owners: Tensor, groups: int) -> Tensor:
+    """The L2 norm of each group's tensors (see :func:`group_squares`), as a float64 vector."""
+    return group_squares(tensors, owners, groups).sqrt_()
 
 
 def snapshot(params: Sequence[Tensor]) -> list[Tensor]:
@@ -47,12 +55,19 @@ def snapshot(params: Sequence[Tensor]) -> list[Tensor]:
     return [p.detach().clone() for p in params]
 
 
-def update_norms(before: list[Tensor], params: Sequence[Tensor], owners: Tensor, groups: int) -> Tensor:
-    """Per group, ``||W_after - W_before||``; ``before`` is overwritten with the difference (no second copy)."""
+def update_squares(
+    before: list[Tensor], params: Sequence[Tensor], owners: Tensor, groups: int, weights: Tensor | None = None
+) -> Tensor:
+    """Per group, ``||W_after - W_before||^2``; ``before`` is overwritten with the difference (no second copy)."""
     if not before:
         return torch.zeros(groups, dtype=torch.float64, device=owners.device)
     torch._foreach_sub_(before, [p.detach() for p in params])
-    return group_norms(before, owners, groups)
+    return group_squares(before, owners, groups, weights)
+
+
+def update_norms(before: list[Tensor], params: Sequence[Tensor], owners: Tensor, groups: int) -> Tensor:
+    """Per group, ``||W_after - W_before||`` (see :func:`update_squares`)."""
+    return update_squares(before, params, owners, groups).sqrt_()
 
 
 def update_ratio(delta_norm: Tensor, weight_norm: Tensor) -> Tensor:
