@@ -98,3 +98,25 @@ def test_transformer_lm_example(
         assert "blocks.0.mlp.act" in capsys.readouterr().out
     else:
         assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_a_second_demo_into_the_same_folder_replaces_its_runs(tmp_path: Path) -> None:
+    """Two demos into one folder: each run folder keeps one event file, so no step is drawn twice."""
+    from lightning_health.offline.demo import HEALTHY, quiet_training, train_patient
+
+    mine = tmp_path / "healthy" / "notes.txt"  # anything else in the folder is the user's: left alone
+    mine.parent.mkdir()
+    mine.write_text("keep")
+    with quiet_training():
+        for _ in range(2):
+            train_patient(HEALTHY, tmp_path, epochs=1, progress=False)
+    event_files = [f for f in (tmp_path / "healthy").iterdir() if "tfevents" in f.name]
+    assert len(event_files) == 1
+    assert mine.read_text() == "keep"
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "healthy"), size_guidance={"scalars": 0})
+    events.Reload()
+    steps = [e.step for e in events.Scalars("health/status")]
+    assert steps == sorted(set(steps)) == list(range(5))

@@ -85,6 +85,18 @@ class PatientRun:
     steps: int = field(default=0)
 
 
+def replace_previous_run(run_dir: Path) -> int:
+    """Delete the event files an earlier demo left in ``run_dir`` (a second file would draw every step twice).
+
+    Only the demo's own run folders are touched, and in them only TensorBoard event files. Returns
+    how many were deleted.
+    """
+    old = [f for f in run_dir.glob("*tfevents*") if f.is_file()] if run_dir.is_dir() else []
+    for event_file in old:
+        event_file.unlink()
+    return len(old)
+
+
 def train_patient(
     patient: Patient,
     out_dir: str | os.PathLike[str],
@@ -115,6 +127,7 @@ def train_patient(
     from lightning_health.callback import HealthMonitor
     from lightning_health.offline.patients import PatientMLP, patient_loaders
 
+    replace_previous_run(Path(out_dir) / patient.name)
     pl.seed_everything(seed, verbose=False)
     monitor = HealthMonitor(every_n_steps=every_n_steps, dead_window=dead_window, verbose=False)
     logger = TensorBoardLogger(str(out_dir), name=patient.name, version="", default_hp_metric=False)
