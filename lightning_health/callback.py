@@ -401,7 +401,9 @@ class HealthMonitor(CallbackBase):
         grad_norms = list(zip(names, host.grad_norms))
         record.learning(step, host.learning, grad_norms, snapshot, order, host.overflow, scalars)
         escalated = record.diagnose(step, snapshot, order)
-        self._record.drop(runtime.settle(host, rank_zero(trainer)))
+        dropped, back = runtime.settle(host, rank_zero(trainer))
+        self._record.drop(dropped)
+        self._record.restore(back, capture.layers)
         if runtime.sinks.sinks:  # the status line, from this step's readings and the live findings
             scalars.update(status_scalars(snapshot, self.diagnose(), histograms))
         runtime.sinks.write(step, scalars, histograms)

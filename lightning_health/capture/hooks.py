@@ -187,7 +187,7 @@ class Capture:
         self._handles: list[RemovableHandle] = []
         self._broken: set[int] = set()
         self.reported: set[int] = set()  # layers that got a reading in the current pass (cleared by reset)
-        self.dropped: set[int] = set()  # layers that never reported in the first sampled steps: hooks removed
+        self.dropped: set[int] = set()  # layers that never reported in the first sampled steps (hooks kept)
         self._ever_read: set[int] = set()
         self._settled_passes = 0
         self.track_abs = False  # also sum |activation| per unit on training steps (dormancy readings)
@@ -233,24 +233,25 @@ class Capture:
     SETTLE_AFTER = 2
     """Sampled training steps after which a layer that never reported is dropped."""
 
-    def settle(self, read: set[int]) -> list[str]:
+    def settle(self, read: set[int]) -> tuple[list[str], list[str]]:
         """Count one sampled training step in which (on any rank) the layers ``read`` were read.
 
-        After :attr:`SETTLE_AFTER` such steps, a layer never read in any of them is dropped: its
-        hook is removed and the names returned (once). Such modules exist: ``out_proj`` of an
-        attention module selected by hand, a branch the model never takes. ``read`` should come
-        from the synced readings, so every rank drops the same layers.
+        After :attr:`SETTLE_AFTER` such steps, a layer never read in any of them is set aside: it
+        leaves the reports (its names are returned once, as the first list), but its hook stays, so
+        a branch taken later (a rarely routed expert, a head switched on mid-run) comes back the
+        first time it reports (its names are the second list). Such silent modules exist: ``out_proj``
+        of an attention module selected by hand, a branch the model never takes. ``read`` should
+        come from the synced readings, so every rank sets aside and takes back the same layers.
         """
         self._ever_read |= read
+        back = sorted(i for i in read if i in self.dropped)
+        self.dropped -= set(back)
         self._settled_passes += 1
-        if self._settled_passes != self.SETTLE_AFTER:
-            return []
-        silent = [i for i in range(len(self.layers)) if i not in self._ever_read and i not in self.dropped]
-        for index in silent:
-            self.dropped.add(index)
-            if index < len(self._handles):
-                self._handles[index].remove()
-        return [self.layers[i].name for i in silent]
+        silent = []
+        if self._settled_passes == self.SETTLE_AFTER:
+            silent = [i for i in range(len(self.layers)) if i not in self._ever_read and i not in self.dropped]
+            self.dropped |= set(silent)
+        return [self.layers[i].name for i in silent], [self.layers[i].name for i in back]
 
     def new_batch(self) -> None:
         """Restart call-slot numbering: the k-th call of a module in each batch shares slot k."""
@@ -264,7 +265,7 @@ class Capture:
 
     @torch.compiler.disable  # eager inside a compiled model: dynamo never guards on the monitor's state
     def _hook(self, index: int, output: Any) -> None:
-        if self.mode is Mode.OFF or index in self._broken or index in self.dropped:
+        if self.mode is Mode.OFF or index in self._broken:
             return
         self._guarded(index, "layer", self._on_forward, output)
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from lightning_health.diagnosis.baseline import GradBaseline
@@ -291,6 +292,23 @@ RULES: tuple[Rule, ...] = (
 """Every rule, in the order their findings are listed at one step."""
 
 
+_FAILED: set[str] = set()  # rules already reported as failing (one warning per rule and process)
+
+
+def _rule_failed(rule: Rule, layer: str, err: Exception) -> None:
+    """One warning per faulty rule; the other rules, and the run, go on."""
+    name = getattr(rule, "__name__", repr(rule))
+    if name in _FAILED:
+        return
+    _FAILED.add(name)
+    warnings.warn(
+        f"lightning_health: the diagnosis rule `{name}` failed on `{layer}` ({type(err).__name__}: {err}) and is "
+        "skipped where it fails; the other rules and training go on. Please report this.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 def evaluate(
     step: int,
     readings: Mapping[str, Mapping[str, float]],
@@ -340,7 +358,11 @@ def evaluate(
         # so it neither raises nor clears them.
         r = {k: v for k, v in raw.items() if not math.isnan(v)}
         for rule in RULES:
-            kinds, hits = rule(layer, r, ctx)
+            try:
+                kinds, hits = rule(layer, r, ctx)
+            except Exception as err:  # a rule's own fault must never stop the user's training run
+                _rule_failed(rule, layer, err)
+                continue
             checked.update((layer, kind) for kind in kinds)
             found.extend(
                 Finding(layer, kind, sev, msg, step, HINTS[kind], value, step) for kind, sev, msg, value in hits

@@ -80,6 +80,13 @@ class Record:
         self.rectifiers -= set(names)
         self.smooth -= set(names)
 
+    def restore(self, names: Sequence[str], layers: Sequence[MonitoredLayer]) -> None:
+        """Take back layers that were set aside but ran after all, in the capture's order."""
+        back = set(names)
+        self.layers = [layer.name for layer in layers if layer.name in back or layer.name in self.layers]
+        self.rectifiers |= {layer.name for layer in layers if layer.name in back and layer.profile.can_die}
+        self.smooth |= {layer.name for layer in layers if layer.name in back and layer.profile.off_side == "smooth"}
+
     def add(self, step: int, values: Mapping[str, Mapping[str, float]], scalars: dict[str, float]) -> None:
         """Log ``{metric: {layer: value}}`` as ``health/<metric>/<layer>`` and add it to the curves."""
         for metric, by_layer in values.items():

@@ -170,19 +170,25 @@ class Runtime:
             attention,
         )
 
-    def settle(self, host: StepHost, lead: bool) -> list[str]:
-        """Drop the layers no rank has read in the first sampled steps, with one note (see ``Capture.settle``)."""
+    def settle(self, host: StepHost, lead: bool) -> tuple[list[str], list[str]]:
+        """Layers set aside (never read in the first sampled steps) and taken back (read after all), with notes."""
         read = {i for i, r in enumerate(host.readings) if r.metrics or r.dead_units is not None}
-        dropped = self.capture.settle(read)
+        dropped, back = self.capture.settle(read)
         if dropped and lead:
             warnings.warn(
                 f"HealthMonitor: {', '.join(f'`{n}`' for n in dropped)} never ran in the first "
-                f"{self.capture.SETTLE_AFTER} sampled steps and will not be read (a module whose weights are used "
-                "by a functional call, or a branch the model does not take).",
+                f"{self.capture.SETTLE_AFTER} sampled steps and is left out of the reports (a module whose weights "
+                "are used by a functional call, or a branch the model does not take); it comes back if it runs.",
                 RuntimeWarning,
                 stacklevel=3,
             )
-        return dropped
+        if back and lead:
+            warnings.warn(
+                f"HealthMonitor: {', '.join(f'`{n}`' for n in back)} ran after all; reading it again.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return dropped, back
 
     def begin_validation(self) -> None:
         """Read a validation pass; a training step it interrupts keeps its readings for after it."""
