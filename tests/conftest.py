@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import warnings
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,6 +19,16 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(2)
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+def load_script(path: Path, name: str) -> ModuleType:
+    """Import a script that is not part of the package (an example, ``scripts/...``) as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def trainer_kwargs(**overrides: Any) -> dict[str, Any]:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from tests.conftest import load_script
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -22,12 +22,7 @@ STRATEGIES = ("do nothing", "lower LR", "LeakyReLU", "re-init dead", "GELU", "Le
 
 
 def _load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("example_digits_rescue", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLE, "example_digits_rescue")
 
 
 def _rows(table: str) -> dict[str, list[str]]:

@@ -5,13 +5,13 @@ Needs the ``chromium`` system package (Debian: ``apt-get install chromium``); sk
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
+
+from tests.conftest import load_script
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("PIL")
@@ -20,12 +20,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "screenshots.py"
 
 
 def _script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("screenshots_script", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "screenshots_script")
 
 
 def _pixels(image: np.ndarray, hex_colour: str, tolerance: int = 24) -> int:
