@@ -11,6 +11,11 @@ output projection, would grow "infinitely" from it; its baseline is therefore ne
 ``floor_ratio`` times the output-side layer's baseline (both scale with the loss, so this stays
 scale-free).
 
+The same tracker on ``grad_gain`` (a depth stretch's gradient gain, see
+:func:`~lightning_health.diagnosis.learning.depth_profile`) is what ``gradient_flow`` compares a gain
+with: a stretch that has shrunk the gradient 40x since step 0 (a head's transform, a residual branch
+against its skip path) is the architecture; one that starts shrinking it 40x more than it did is news.
+
 The tracker is plain host state (floats per layer), saved with the monitor's checkpoint, and is
 used in the same way by the live monitor and by the offline replay of logged curves.
 """
@@ -23,7 +28,7 @@ from collections.abc import Mapping
 
 
 class GradBaseline:
-    """The median of each layer's first ``samples`` finite, positive ``grad_std`` readings.
+    """The median of each layer's first ``samples`` finite, positive readings of ``metric`` (``grad_std``).
 
     Example:
         >>> b = GradBaseline(samples=3)
@@ -33,14 +38,15 @@ class GradBaseline:
         4.0
     """
 
-    def __init__(self, samples: int = 5) -> None:
+    def __init__(self, samples: int = 5, metric: str = "grad_std") -> None:
         self.samples = samples
+        self.metric = metric
         self._seen: dict[str, list[float]] = {}
 
     def observe(self, snapshot: Mapping[str, Mapping[str, float]]) -> None:
-        """Fold in one step's readings ``{layer: {metric: value}}`` (only ``grad_std`` is read)."""
+        """Fold in one step's readings ``{layer: {metric: value}}`` (only ``self.metric`` is read)."""
         for layer, readings in snapshot.items():
-            g = readings.get("grad_std")
+            g = readings.get(self.metric)
             if g is None or not math.isfinite(g) or g <= 0:
                 continue
             seen = self._seen.setdefault(layer, [])

@@ -8,7 +8,11 @@
   exploding) starts.
 - :class:`UpdateWindow`: each module's last ``size`` judged update ratios, so ``stalled`` and
   ``unstable`` are judged on persistence, never on one step. Steps the GradScaler skipped and
-  modules that got no gradient are not judged (their 0 update is not a symptom).
+  modules that got no gradient are not judged (their 0 update is not a symptom). A module whose
+  weights were all zero when first read (a zero-initialised bias or projection) is marked with the
+  step it was zero at: its weights are nothing but its own accumulated updates, so its ratio falls
+  only like ``1/k`` (steady steps) to ``1/sqrt(k)`` (noisy ones) after ``k`` steps, whatever the
+  learning rate; ``unstable`` waits until that floor is under its threshold.
 
 Standard library only, like the rest of :mod:`lightning_health.diagnosis`.
 
@@ -24,6 +28,7 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
@@ -67,19 +72,28 @@ class UpdateWindow:
     def __init__(self, size: int) -> None:
         self.size = size
         self._ratios: dict[str, deque[float]] = {}
+        self._zero_at: dict[str, int] = {}  # module -> the step its weights were all zero at
 
-    def add(self, readings: Mapping[str, Mapping[str, float]], skipped: bool = False) -> dict[str, dict[str, float]]:
+    def add(
+        self, readings: Mapping[str, Mapping[str, float]], skipped: bool = False, step: int = 0
+    ) -> dict[str, dict[str, float]]:
         """Fold one sampled step in; per judged module, its window statistics.
 
         Args:
-            readings: ``{module: {"update_ratio": .., "param_grad_norm": ..}}`` of this step.
+            readings: ``{module: {"update_ratio": .., "param_grad_norm": .., "param_norm": ..}}`` of this step.
             skipped: the optimizer step was skipped (AMP overflow): nothing is judged.
+            step: the global step of the readings.
 
         Returns:
             ``{module: {"update_ratio_max", "update_ratio_min", "update_ratio_others", "update_ratio_full"}}``
             for every module with a full or filling window (``others``: the median window-max of
-            the other modules, absent when no other module is judged).
+            the other modules, absent when no other module is judged), plus ``update_steps_from_zero``
+            for a module that was all zeros when first read.
         """
+        for name, r in readings.items():
+            norm = r.get("param_norm")
+            if norm is not None and norm == 0 and name not in self._zero_at:
+                self._zero_at[name] = step
         if not skipped:
             for name, r in readings.items():
                 ratio, grad = r.get("update_ratio"), r.get("param_grad_norm")
@@ -102,11 +116,19 @@ class UpdateWindow:
             others = [peak for other, peak in peaks.items() if other != name]
             if others:
                 stats["update_ratio_others"] = statistics.median(others)
+            if name in self._zero_at:
+                stats["update_steps_from_zero"] = float(step - self._zero_at[name])
             out[name] = stats
         return out
 
-    def state_dict(self) -> dict[str, list[float]]:
-        return {name: list(values) for name, values in self._ratios.items()}
+    def state_dict(self) -> dict[str, Any]:
+        return {"ratios": {name: list(values) for name, values in self._ratios.items()}, "zero_at": dict(self._zero_at)}
 
-    def load_state_dict(self, state: Mapping[str, Sequence[float]]) -> None:
-        self._ratios = {name: deque((float(v) for v in values), maxlen=self.size) for name, values in state.items()}
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        ratios = state.get("ratios")
+        if not isinstance(ratios, Mapping):  # an older checkpoint: {module: [ratios]}
+            ratios, zero_at = state, {}
+        else:
+            zero_at = state.get("zero_at", {})
+        self._ratios = {name: deque((float(v) for v in values), maxlen=self.size) for name, values in ratios.items()}
+        self._zero_at = {str(name): int(at) for name, at in zero_at.items()}

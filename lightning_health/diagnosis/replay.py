@@ -35,6 +35,7 @@ def diagnose_curves(
                 by_step.setdefault(int(step), {}).setdefault(layer, {})[metric] = float(value)
     log = FindingLog(order)
     baseline = GradBaseline(thresholds.baseline_samples)
+    gains = GradBaseline(thresholds.baseline_samples, "grad_gain")
     output = None
     latest_nonfinite: dict[str, float] = {}
     for step in sorted(by_step):
@@ -50,7 +51,8 @@ def diagnose_curves(
         if with_grad:
             output = with_grad[-1]
         found, checked = evaluate(
-            step, snapshot, thresholds, rectifiers=rectifiers, output_layer=output, baseline=baseline
-        )
+            step, snapshot, thresholds, rectifiers=rectifiers, output_layer=output, baseline=baseline,
+            layer_order=order, gain_baseline=gains,
+        )  # fmt: skip
         log.record(found, checked, step)
     return log.findings()

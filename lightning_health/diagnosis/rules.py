@@ -26,13 +26,19 @@ Rules (defaults in :class:`Thresholds`, all overridable):
   ``1e-3`` is the fallback.
 - ``nonfinite``: any NaN or Inf in a layer's activations or gradients (critical).
 - ``gradient_flow``: across the stretch of the network between two consecutive monitored layers,
-  the activation gradient's norm changes by more than ``flow_gain`` (10x) either way: where
-  vanishing or exploding starts. Read from :func:`~lightning_health.diagnosis.learning.depth_profile`.
+  the activation gradient's norm changes by more than ``flow_gain`` (10x) either way **and** that
+  explains something: the layer the gradient reaches next has a vanishing or exploding finding
+  (the stretch is where it starts), or the stretch's gain moved more than ``flow_gain`` x away from
+  its own early-run baseline. A stretch that has always shrunk the gradient this much (a head's
+  transform, a residual branch beside its skip path) is the architecture, not a finding. Read from
+  :func:`~lightning_health.diagnosis.learning.depth_profile`.
 - ``stalled``: a module's update-to-weight ratio stayed below ``1e-5`` **and** below ``1/100`` of
   the other modules' over the whole window, while it did get a gradient (frozen modules and steps
   the GradScaler skipped are not judged).
 - ``unstable``: a module's update-to-weight ratio stayed above ``0.1`` over the whole window: every
-  step moves its weights by a tenth of their size.
+  step moves its weights by a tenth of their size. A module that was all zeros when first read (a
+  zero-initialised bias or projection) is judged only ``1/0.1**2 = 100`` steps later: until then its
+  weights are its own few updates and the ratio says nothing about the step size.
 - ``entropy_collapse``: an attention layer's lowest-head mean entropy below ``0.1`` nats, or below
   ``1/10`` of its own earlier peak (warning; Zhai et al., 2023).
 - ``logit_growth``: ``attn_logit_max`` above ``50``, or at least ``20`` and ``4x`` its own lowest
@@ -71,6 +77,8 @@ class Context:
     baseline: GradBaseline | None = None
     reference_grad_norm: float | None = None
     previous: Mapping[str, str] = dataclasses.field(default_factory=dict)  # layer -> the one before it
+    gain_baseline: GradBaseline | None = None  # each stretch's early-run grad_gain
+    gradient_layers: frozenset[str] = frozenset()  # layers with a vanishing/exploding hit at this step
 
 
 Hit = tuple[str, Severity, str, float]  # kind, severity, message, value
@@ -200,17 +208,23 @@ def gradient_flow_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tupl
     if gain is None:
         return set(), []
     limit = ctx.thresholds.flow_gain
-    before = ctx.previous.get(layer, "the layer before it")
+    if 1 / limit <= gain <= limit:
+        return {"gradient_flow"}, []
+    earlier = ctx.previous.get(layer)
+    base = ctx.gain_baseline.get(layer) if ctx.gain_baseline is not None else None
+    moved = base is not None and (gain <= 0 or not 1 / limit <= gain / base <= limit)
+    located = earlier is not None and earlier in ctx.gradient_layers
+    if ctx.gain_baseline is not None and not (moved or located):
+        return {"gradient_flow"}, []  # the stretch has always done this: the architecture, not a symptom
+    before = earlier or "the layer before it"
+    since = f" (early in the run: {base:.3g}x)" if moved and base is not None else ""
     if gain <= 0:
         message = f"no gradient gets back from {layer} to {before}: it stops entirely on the way"
-        return {"gradient_flow"}, [("gradient_flow", "warning", message, gain)]
-    if gain < 1 / limit:
-        message = f"gradient norm shrinks {1 / gain:.3g}x on its way back from {layer} to {before}"
-        return {"gradient_flow"}, [("gradient_flow", "warning", message, gain)]
-    if gain > limit:
-        message = f"gradient norm grows {gain:.3g}x on its way back from {layer} to {before}"
-        return {"gradient_flow"}, [("gradient_flow", "warning", message, gain)]
-    return {"gradient_flow"}, []
+    elif gain < 1:
+        message = f"gradient norm shrinks {1 / gain:.3g}x on its way back from {layer} to {before}{since}"
+    else:
+        message = f"gradient norm grows {gain:.3g}x on its way back from {layer} to {before}{since}"
+    return {"gradient_flow"}, [("gradient_flow", "warning", message, gain)]
 
 
 def stalled_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
@@ -233,6 +247,9 @@ def unstable_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set
     if low is None or not r.get("update_ratio_full"):
         return set(), []
     limit = ctx.thresholds.unstable_update_ratio
+    grown = r.get("update_steps_from_zero")
+    if grown is not None and grown < 1 / limit**2:
+        return set(), []  # grown from zeros: its ratio is ~1/sqrt(steps) whatever the step size (see UpdateWindow)
     if low > limit:
         scope = f"the last {ctx.window} sampled steps" if ctx.window else "the window"
         message = f"update/weight ratio at least {low:.2g} at every one of {scope} (above {limit:g})"
@@ -309,6 +326,24 @@ def _rule_failed(rule: Rule, layer: str, err: Exception) -> None:
     )
 
 
+def _finite(raw: Mapping[str, float]) -> dict[str, float]:
+    """A NaN reading says nothing about the rules that read it (the nonfinite rule reports it)."""
+    return {k: v for k, v in raw.items() if not math.isnan(v)}
+
+
+def _gradient_layers(readings: Mapping[str, Mapping[str, float]], ctx: Context) -> frozenset[str]:
+    """The layers whose gradient is vanishing or exploding at this step (``gradient_flow`` locates them)."""
+    hit = set()
+    for layer, raw in readings.items():
+        try:
+            _kinds, hits = gradient_rule(layer, _finite(raw), ctx)
+        except Exception:  # reported once by the main pass
+            continue
+        if hits:
+            hit.add(layer)
+    return frozenset(hit)
+
+
 def evaluate(
     step: int,
     readings: Mapping[str, Mapping[str, float]],
@@ -320,6 +355,7 @@ def evaluate(
     smooth_rectifiers: Iterable[str] = (),
     layer_order: Sequence[str] | None = None,
     baseline: GradBaseline | None = None,
+    gain_baseline: GradBaseline | None = None,
 ) -> tuple[list[Finding], set[tuple[str, str]]]:
     """Apply every rule in :data:`RULES` to one step's readings.
 
@@ -337,13 +373,17 @@ def evaluate(
         layer_order: the monitored layers in forward order, to name both ends of a gradient-flow stretch.
         baseline: the per-layer early-run gradient scale, updated here with these readings (the
             scale-free explosion rule is off without it; the live monitor and the replay keep one).
+        gain_baseline: the same on ``grad_gain`` (metric ``"grad_gain"``): with it, ``gradient_flow``
+            fires only where a stretch changed or locates a vanishing/exploding layer; without it, on
+            every stretch outside the band.
 
     Returns:
         The findings at this step, and the (layer, kind) pairs that were checked.
     """
     out = readings.get(output_layer, {}) if output_layer is not None else {}
-    if baseline is not None:
-        baseline.observe(readings)
+    for tracker in (baseline, gain_baseline):
+        if tracker is not None:
+            tracker.observe(readings)
     hard = None if rectifiers is None else set(rectifiers)
     ctx = Context(
         step, thresholds, hard, set(smooth_rectifiers), output_layer, out.get("grad_std"), window,
@@ -351,12 +391,12 @@ def evaluate(
     )  # fmt: skip
     if layer_order:
         ctx = dataclasses.replace(ctx, previous=previous_layers(layer_order))
+    if gain_baseline is not None:
+        ctx = dataclasses.replace(ctx, gain_baseline=gain_baseline, gradient_layers=_gradient_layers(readings, ctx))
     found: list[Finding] = []
     checked: set[tuple[str, str]] = set()
     for layer, raw in readings.items():
-        # A NaN reading says nothing about the rules that read it (the nonfinite rule reports it),
-        # so it neither raises nor clears them.
-        r = {k: v for k, v in raw.items() if not math.isnan(v)}
+        r = _finite(raw)  # so a NaN reading neither raises nor clears a rule
         for rule in RULES:
             try:
                 kinds, hits = rule(layer, r, ctx)

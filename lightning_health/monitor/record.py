@@ -60,6 +60,7 @@ class Record:
         self.history = History(max_points)
         self.findings = FindingLog()
         self.grad_baseline = GradBaseline(thresholds.baseline_samples)  # scale-free explosion rule
+        self.gain_baseline = GradBaseline(thresholds.baseline_samples, "grad_gain")  # gradient_flow: what changed
         self.last_units: dict[str, tuple[int | None, int]] = {}
         self.update_window = UpdateWindow(window)
         self.layers: list[str] = []
@@ -130,7 +131,8 @@ class Record:
     ) -> None:
         """Parameter-gradient norms, update ratios and the depth profile: logged and added to ``snapshot``."""
         self.add(step, {"param_grad_norm": dict(grad_norms)} if grad_norms else {}, scalars)
-        self.add(step, fold_learning(readings, list(grad_norms), self.update_window, snapshot, order, skipped), scalars)
+        learned = fold_learning(readings, list(grad_norms), self.update_window, snapshot, order, skipped, step)
+        self.add(step, learned, scalars)
 
     @staticmethod
     def skip_gradients(snapshot: Snapshot, scalars: dict[str, float]) -> None:
@@ -154,6 +156,7 @@ class Record:
             smooth_rectifiers=self.smooth,
             layer_order=order,
             baseline=self.grad_baseline,
+            gain_baseline=self.gain_baseline,
         )
         return self.findings.record(found, checked, step)
 
@@ -182,6 +185,7 @@ class Record:
             "history": self.history.state_dict(),
             "findings": self.findings.state_dict(),
             "grad_baseline": self.grad_baseline.state_dict(),
+            "gain_baseline": self.gain_baseline.state_dict(),
             "last_units": {k: list(v) for k, v in self.last_units.items()},
             "layers": list(self.layers),
             "update_window": self.update_window.state_dict(),
@@ -191,6 +195,7 @@ class Record:
         self.history.load_state_dict(state.get("history", {}))
         self.findings.load_state_dict(state.get("findings", []))
         self.grad_baseline.load_state_dict(state.get("grad_baseline", {}))
+        self.gain_baseline.load_state_dict(state.get("gain_baseline", {}))
         self.last_units = {k: (v[0], v[1]) for k, v in state.get("last_units", {}).items()}
         self.layers = self.layers or list(state.get("layers", []))
         self.update_window.load_state_dict(state.get("update_window", {}))

@@ -174,6 +174,7 @@ def fold_learning(
     snapshot: dict[str, dict[str, float]],
     order: Sequence[str],
     skipped: bool,
+    step: int = 0,
 ) -> dict[str, dict[str, float]]:
     """One sampled step's learning readings on the host: what to log, and what the rules read.
 
@@ -187,6 +188,7 @@ def fold_learning(
         snapshot: ``{layer: readings}`` of the monitored layers; updated in place.
         order: the monitored layers in forward order.
         skipped: the GradScaler skipped this optimizer step.
+        step: the global step of the readings.
 
     Returns:
         ``{metric: {layer: value}}`` to log: ``param_norm``, ``update_ratio``, ``act_gain``, ``grad_gain``.
@@ -198,7 +200,7 @@ def fold_learning(
         for metric in ("param_norm", "update_ratio"):
             if metric in r:
                 logged.setdefault(metric, {})[name] = r[metric]
-    for name, stats in window.add(step_readings, skipped).items():
+    for name, stats in window.add(step_readings, skipped, step).items():
         snapshot.setdefault(name, {}).update(stats)
     for name, row in depth_profile(order, snapshot).items():
         for metric in ("act_gain", "grad_gain"):
