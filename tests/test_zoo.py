@@ -1,0 +1,168 @@
+"""The diagnosis on the architectures users train: silent on healthy runs, the right finding on sick ones.
+
+Every case is a real ``Trainer`` fit of a model from ``tests/zoo_models.py`` (code or a ``transformers``
+config, random weights, generated or scikit-learn data). A healthy case must learn (its loss falls) and
+get no warning and no critical finding at all; a sick case is dosed with a known cause from the
+literature and must get the finding that names it, on the layer where it is. The two lists are the
+contract of "no false alarm, no missed disease" (issue 11).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import zoo_models as zoo
+from torch import nn
+
+from lightning_health import HealthMonitor
+from lightning_health.diagnosis import Thresholds
+from lightning_health.diagnosis.learning import UpdateWindow
+from lightning_health.diagnosis.rules import evaluate
+
+STEPS = 60
+
+
+def _fit(task: zoo.Task, loader, steps: int = STEPS) -> HealthMonitor:
+    monitor = HealthMonitor(every_n_steps=2, verbose=False)
+    trainer = pl.Trainer(
+        max_steps=steps, callbacks=[monitor], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, accelerator="cpu", devices=1,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's data-loader and logging advice
+        trainer.fit(task, loader)
+    return monitor
+
+
+HEALTHY = {
+    "relu_mlp": lambda: zoo.digits_mlp(),
+    "resnet_cnn_sgd": lambda: zoo.digits_cnn(),
+    "lstm": lambda: zoo.recurrent(nn.LSTM),
+    "gru": lambda: zoo.recurrent(nn.GRU),
+    "transformer_encoder_padded": lambda: zoo.encoder(),
+    "gpt2": lambda: zoo.hf_lm("gpt2"),
+    "llama": lambda: zoo.hf_lm("llama"),
+    "gemma_gelu_tanh": lambda: zoo.hf_lm("gemma"),
+    "t5": lambda: zoo.hf_lm("t5"),
+    "bert_masked_lm": lambda: zoo.hf_lm("bert"),
+    "multilabel_head": lambda: zoo.multilabel(),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEALTHY))
+def test_a_healthy_run_learns_and_gets_no_finding(case):
+    task, loader = HEALTHY[case]()
+    monitor = _fit(task, loader)
+    first, last = sum(task.losses[:5]) / 5, sum(task.losses[-5:]) / 5
+    assert last < first, f"the healthy {case} did not learn ({first:.3f} -> {last:.3f}): not a healthy case"
+    assert monitor.curves("act_std"), "nothing was read"
+    raised = [(f.layer, f.kind, f.message) for f in monitor.diagnose() if f.severity in ("warning", "critical")]
+    assert not raised, f"false alarm on a healthy {case}: {raised}"
+
+
+def _kinds(monitor: HealthMonitor) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for f in monitor.diagnose():
+        out.setdefault(f.kind, set()).add(f.layer)
+    return out
+
+
+def test_relus_pushed_off_by_a_negative_bias_are_dead():
+    monitor = _fit(*zoo.digits_mlp(depth=3, bias=-3.0))
+    found = {f.layer: f for f in monitor.diagnose() if f.kind == "dead"}
+    assert {"net.1", "net.3", "net.5"} <= set(found)
+    assert any(f.peak_severity == "critical" for f in found.values())
+
+
+def test_a_deep_sigmoid_net_at_unit_normal_init_saturates():
+    """Glorot & Bengio (2010): sigmoid layers at a large init sit on their flat shoulders."""
+    monitor = _fit(*zoo.digits_mlp(nn.Sigmoid, init="normal", depth=6))
+    saturated = _kinds(monitor).get("saturated", set())
+    assert len(saturated) >= 4 and saturated <= {f"net.{2 * i + 1}" for i in range(6)}
+
+
+def test_sgd_at_a_huge_learning_rate_explodes():
+    monitor = _fit(*zoo.digits_mlp(optim=zoo.sgd(lr=10.0)))
+    kinds = _kinds(monitor)
+    assert kinds.get("exploding_gradient") or kinds.get("nonfinite")
+    assert any(f.peak_severity == "critical" for f in monitor.diagnose())
+
+
+def test_a_layer_left_out_of_the_optimizer_is_stalled_and_only_it():
+    task, loader = zoo.digits_mlp(depth=3)
+    task.params_for_optimizer = [p for name, p in task.net.named_parameters() if not name.startswith("2.")]
+    monitor = _fit(task, loader)
+    assert _kinds(monitor).get("stalled") == {"net.2"}
+
+
+@pytest.mark.parametrize("model", ["mlp", "gpt2"])
+def test_adam_at_learning_rate_one_is_unstable(model):
+    monitor = _fit(*(zoo.digits_mlp(optim=zoo.adam(1.0)) if model == "mlp" else zoo.hf_lm("gpt2", zoo.adam(1.0))))
+    assert _kinds(monitor).get("unstable")
+
+
+def test_a_zero_initialised_head_is_not_unstable_while_it_grows():
+    """Its weights are its own few Adam steps: the ratio falls like 1/k whatever the learning rate."""
+    task, loader = zoo.digits_mlp(depth=3)
+    nn.init.zeros_(task.net[-1].weight)
+    nn.init.zeros_(task.net[-1].bias)
+    monitor = _fit(task, loader)
+    ratios = dict(monitor.curves("update_ratio")["net.6"])
+    assert ratios[2] > 0.1 and ratios[8] > 0.1  # above the threshold for the first sampled steps
+    assert "unstable" not in _kinds(monitor)
+
+
+def test_a_zero_initialised_module_is_judged_after_a_hundred_steps():
+    window, t = UpdateWindow(2), Thresholds()
+    window.add({"w": {"param_norm": 0.0, "update_ratio": float("nan"), "param_grad_norm": 1.0}}, step=0)
+    for step in (50, 120):
+        stats = window.add({"w": {"param_norm": 1.0, "update_ratio": 0.5, "param_grad_norm": 1.0}}, step=step)
+        found, _ = evaluate(step, stats, t)
+        assert [f.kind for f in found] == ([] if step < 100 else ["unstable"])
+    restored = UpdateWindow(2)
+    restored.load_state_dict(window.state_dict())
+    assert restored.state_dict() == window.state_dict()
+    old = UpdateWindow(2)  # a checkpoint written before the zero marks: {module: [ratios]}
+    old.load_state_dict({"w": [0.5, 0.5]})
+    assert old.state_dict() == {"ratios": {"w": [0.5, 0.5]}, "zero_at": {}}
+
+
+def test_a_stretch_that_always_shrinks_the_gradient_is_architecture_a_new_one_is_a_finding():
+    """gradient_flow: a head's transform that shrinks the gradient 40x from step 0 is not news; a stretch
+    whose gain falls 50x below its own early-run gain is, and so is one where a vanishing gradient starts."""
+    from lightning_health.diagnosis import GradBaseline
+
+    t, order = Thresholds(), ["a", "b"]
+    gains = GradBaseline(t.baseline_samples, "grad_gain")
+    for step in range(8):
+        found, _ = evaluate(step, {"b": {"grad_gain": 0.025}}, t, layer_order=order, gain_baseline=gains)
+        assert not found
+    moved = GradBaseline(t.baseline_samples, "grad_gain")
+    for step in range(5):
+        evaluate(step, {"b": {"grad_gain": 1.0}}, t, layer_order=order, gain_baseline=moved)
+    found, _ = evaluate(5, {"b": {"grad_gain": 0.02}}, t, layer_order=order, gain_baseline=moved)
+    assert [f.kind for f in found] == ["gradient_flow"] and "early in the run: 1x" in found[0].message
+    located = GradBaseline(t.baseline_samples, "grad_gain")
+    readings = {
+        "a": {"grad_std": 1e-6, "grad_norm": 1e-6},
+        "b": {"grad_std": 1.0, "grad_norm": 1.0, "grad_gain": 1e-6},
+    }
+    found, _ = evaluate(0, readings, t, layer_order=order, output_layer="b", gain_baseline=located)
+    assert {(f.layer, f.kind) for f in found} == {("a", "vanishing_gradient"), ("b", "gradient_flow")}
+
+
+def test_the_same_dose_on_a_summed_loss_gets_the_same_verdict():
+    """Scale-free rules: a loss summed instead of averaged (learning rate scaled to match) is the same run."""
+
+    def summed(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits, y, reduction="sum")
+
+    verdicts = []
+    for loss, lr in ((nn.functional.cross_entropy, 10.0), (summed, 10.0 / 32)):
+        task, loader = zoo.digits_mlp(optim=zoo.sgd(lr=lr))
+        task.loss_fn = loss
+        verdicts.append({(f.layer, f.kind) for f in _fit(task, loader, steps=20).diagnose()})
+    assert verdicts[0] == verdicts[1] and verdicts[0]
