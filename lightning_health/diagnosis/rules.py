@@ -46,7 +46,10 @@ Rules (defaults in :class:`Thresholds`, all overridable):
 - ``massive_activation``: a residual block's ``massive_ratio`` at least ``100`` (Sun et al., 2024)
   and ``4x`` its own lowest reading: growth, not existence (warning).
 
-Each rule is one small function registered in :data:`RULES`: adding a rule is adding a function.
+Each rule is one small function registered in :data:`RULES`: adding a rule is adding a function. The
+rules on one layer's readings live here, the learning rules in
+:mod:`~lightning_health.diagnosis.learning_rules`, the transformer rules in
+:mod:`~lightning_health.diagnosis.attention_rules`; all read a :class:`~lightning_health.diagnosis.context.Context`.
 """
 
 from __future__ import annotations
@@ -54,40 +57,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
+from lightning_health.diagnosis.attention_rules import entropy_rule, logit_rule, massive_rule
 from lightning_health.diagnosis.baseline import GradBaseline
+from lightning_health.diagnosis.context import Context, Hit, Rule, pct
 from lightning_health.diagnosis.findings import Finding, Severity
 from lightning_health.diagnosis.hints import HINTS
 from lightning_health.diagnosis.learning import previous_layers
+from lightning_health.diagnosis.learning_rules import gradient_flow_rule, stalled_rule, unstable_rule
 from lightning_health.diagnosis.thresholds import Thresholds
-
-
-@dataclasses.dataclass(frozen=True)
-class Context:
-    """What a rule may know besides one layer's readings."""
-
-    step: int
-    thresholds: Thresholds
-    rectifiers: set[str] | None
-    smooth_rectifiers: set[str]
-    output_layer: str | None
-    reference_grad_std: float | None
-    window: int | None
-    baseline: GradBaseline | None = None
-    reference_grad_norm: float | None = None
-    previous: Mapping[str, str] = dataclasses.field(default_factory=dict)  # layer -> the one before it
-    gain_baseline: GradBaseline | None = None  # each stretch's early-run grad_gain
-    gradient_layers: frozenset[str] = frozenset()  # layers with a vanishing/exploding hit at this step
-
-
-Hit = tuple[str, Severity, str, float]  # kind, severity, message, value
-Rule = Callable[[str, Mapping[str, float], Context], tuple[set[str], list[Hit]]]
-"""A rule reads one layer's finite readings; it returns the kinds it checked and the hits it found."""
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.0f}%"
 
 
 def nonfinite_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
@@ -120,7 +99,7 @@ def dead_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str
                 (
                     "dead",
                     severity,
-                    f"{_pct(dead)} of units dead{count}: never fired on any example across {scope}",
+                    f"{pct(dead)} of units dead{count}: never fired on any example across {scope}",
                     dead,
                 )
             )
@@ -144,7 +123,7 @@ def inactive_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set
         checked.add("inactive")
         if share > ctx.thresholds.inactive_warning:
             message = (
-                f"{_pct(share)} of units never output > 0 across {scope}: they sit on the activation's "
+                f"{pct(share)} of units never output > 0 across {scope}: they sit on the activation's "
                 "smooth negative side, which still passes a small gradient (inactive, not dead)"
             )
             hits.append(("inactive", "warning", message, share))
@@ -156,7 +135,7 @@ def saturation_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[s
     if sat is None:
         return set(), []
     if sat > ctx.thresholds.saturation:
-        return {"saturated"}, [("saturated", "warning", f"{_pct(sat)} of outputs pressed against a flat shoulder", sat)]
+        return {"saturated"}, [("saturated", "warning", f"{pct(sat)} of outputs pressed against a flat shoulder", sat)]
     return {"saturated"}, []
 
 
@@ -189,7 +168,7 @@ def collapse_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set
     if share is not None:
         if share > t.collapsed:
             message = (
-                f"{_pct(share)} of units constant across the batch (std below {t.collapse_unit_ratio:g} "
+                f"{pct(share)} of units constant across the batch (std below {t.collapse_unit_ratio:g} "
                 "of the layer's RMS): they pass on no information about the input"
             )
             return {"collapsed"}, [("collapsed", "warning", message, share)]
@@ -201,105 +180,6 @@ def collapse_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set
         message = f"activation std {std:.2e}: the layer outputs nearly the same value for every input"
         return {"collapsed"}, [("collapsed", "warning", message, 1.0)]  # no per-unit share: call it all
     return {"collapsed"}, []
-
-
-def gradient_flow_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
-    gain = r.get("grad_gain")
-    if gain is None:
-        return set(), []
-    limit = ctx.thresholds.flow_gain
-    if 1 / limit <= gain <= limit:
-        return {"gradient_flow"}, []
-    earlier = ctx.previous.get(layer)
-    base = ctx.gain_baseline.get(layer) if ctx.gain_baseline is not None else None
-    moved = base is not None and (gain <= 0 or not 1 / limit <= gain / base <= limit)
-    located = earlier is not None and earlier in ctx.gradient_layers
-    if ctx.gain_baseline is not None and not (moved or located):
-        return {"gradient_flow"}, []  # the stretch has always done this: the architecture, not a symptom
-    before = earlier or "the layer before it"
-    since = f" (early in the run: {base:.3g}x)" if moved and base is not None else ""
-    if gain <= 0:
-        message = f"no gradient gets back from {layer} to {before}: it stops entirely on the way"
-    elif gain < 1:
-        message = f"gradient norm shrinks {1 / gain:.3g}x on its way back from {layer} to {before}{since}"
-    else:
-        message = f"gradient norm grows {gain:.3g}x on its way back from {layer} to {before}{since}"
-    return {"gradient_flow"}, [("gradient_flow", "warning", message, gain)]
-
-
-def stalled_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
-    peak, others = r.get("update_ratio_max"), r.get("update_ratio_others")
-    if peak is None or others is None or not r.get("update_ratio_full"):
-        return set(), []
-    t = ctx.thresholds
-    if peak < t.stalled_update_ratio and peak < t.stalled_ratio * others:
-        scope = f"the last {ctx.window} sampled steps" if ctx.window else "the window"
-        message = (
-            f"update/weight ratio at most {peak:.1e} over {scope}, while the other modules' is {others:.1e}: "
-            "its weights are not moving"
-        )
-        return {"stalled"}, [("stalled", "warning", message, peak)]
-    return {"stalled"}, []
-
-
-def unstable_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
-    low = r.get("update_ratio_min")
-    if low is None or not r.get("update_ratio_full"):
-        return set(), []
-    limit = ctx.thresholds.unstable_update_ratio
-    grown = r.get("update_steps_from_zero")
-    if grown is not None and grown < 1 / limit**2:
-        return set(), []  # grown from zeros: its ratio is ~1/sqrt(steps) whatever the step size (see UpdateWindow)
-    if low > limit:
-        scope = f"the last {ctx.window} sampled steps" if ctx.window else "the window"
-        message = f"update/weight ratio at least {low:.2g} at every one of {scope} (above {limit:g})"
-        return {"unstable"}, [("unstable", "warning", message, low)]
-    return {"unstable"}, []
-
-
-def entropy_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
-    low = r.get("attn_entropy_min")
-    if low is None:
-        return set(), []
-    t, peak = ctx.thresholds, r.get("attn_entropy_min_peak")
-    if low < t.entropy_floor:
-        return {"entropy_collapse"}, [
-            ("entropy_collapse", "warning", f"lowest head's attention entropy {low:.3f} nats: nearly one-hot", low)
-        ]
-    if peak is not None and low < t.entropy_drop * peak:
-        message = f"lowest head's attention entropy {low:.3f} nats, down from {peak:.3f}"
-        return {"entropy_collapse"}, [("entropy_collapse", "warning", message, low)]
-    return {"entropy_collapse"}, []
-
-
-def logit_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
-    top = r.get("attn_logit_max")
-    if top is None:
-        return set(), []
-    t, low = ctx.thresholds, r.get("attn_logit_max_low")
-    if top > t.logit_bound:
-        return {"logit_growth"}, [
-            ("logit_growth", "warning", f"max attention logit {top:.1f} above {t.logit_bound:g}", top)
-        ]
-    if low is not None and low > 0 and top >= t.logit_growth_floor and top >= t.logit_growth * low:
-        message = f"max attention logit {top:.1f}, {top / low:.1f}x its lowest reading ({low:.2f})"
-        return {"logit_growth"}, [("logit_growth", "warning", message, top)]
-    return {"logit_growth"}, []
-
-
-def massive_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
-    ratio = r.get("massive_ratio")
-    if ratio is None:
-        return set(), []
-    low = r.get("massive_ratio_low")
-    if ratio >= 100 and low is not None and low > 0 and ratio >= ctx.thresholds.massive_growth * low:
-        share = r.get("massive_channels", 0.0)
-        message = (
-            f"residual-stream outliers growing: max/median {ratio:.0f} ({ratio / low:.1f}x its lowest), "
-            f"{_pct(share)} of channels past 100x the median"
-        )
-        return {"massive_activation"}, [("massive_activation", "warning", message, ratio)]
-    return {"massive_activation"}, []
 
 
 RULES: tuple[Rule, ...] = (
