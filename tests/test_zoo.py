@@ -91,6 +91,21 @@ def test_sgd_at_a_huge_learning_rate_explodes():
     assert any(f.peak_severity == "critical" for f in monitor.diagnose())
 
 
+def test_a_deep_tanh_net_initialised_too_small_vanishes_and_recovering_is_not_exploding():
+    """At std 0.05 ten tanh layers pass almost no gradient back; as the weights grow the early layers'
+    gradients rise 1e5-fold towards the output side's level: recovery, not an explosion."""
+    task, loader = zoo.digits_mlp(nn.Tanh, depth=10, width=32)
+    for m in task.net:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.05)
+    monitor = _fit(task, loader)
+    kinds = _kinds(monitor)
+    assert {"net.1", "net.3", "net.5"} <= kinds.get("vanishing_gradient", set())
+    grad = dict(monitor.curves("grad_std")["net.1"])
+    assert max(grad.values()) > 1e4 * grad[0]  # it really rose that much
+    assert "exploding_gradient" not in kinds
+
+
 def test_a_layer_left_out_of_the_optimizer_is_stalled_and_only_it():
     task, loader = zoo.digits_mlp(depth=3)
     task.params_for_optimizer = [p for name, p in task.net.named_parameters() if not name.startswith("2.")]

@@ -7,9 +7,11 @@ factor does not: the explosion rule divides a layer's gradient std by its own ba
 of its first ``samples`` finite readings (a median, so one odd batch does not set it).
 
 A layer whose gradient starts at (nearly) zero, e.g. a residual branch behind a zero-initialised
-output projection, would grow "infinitely" from it; its baseline is therefore never taken below
-``floor_ratio`` times the output-side layer's baseline (both scale with the loss, so this stays
-scale-free).
+output projection, or the early layers of a deep net initialised too small (vanishing at step 0),
+would grow "infinitely" from it while it merely recovers; its baseline is therefore never taken
+below ``floor_ratio`` (``Thresholds.baseline_floor``, 1/10) times the output-side layer's baseline
+(both scale with the loss, so this stays scale-free). Growing back to the output side's level is
+recovery; only growth far past it is an explosion.
 
 The same tracker on ``grad_gain`` (a depth stretch's gradient gain, see
 :func:`~lightning_health.diagnosis.learning.depth_profile`) is what ``gradient_flow`` compares a gain

@@ -145,7 +145,7 @@ def gradient_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set
         return set(), []
     t = ctx.thresholds
     checked = {"exploding_gradient", "vanishing_gradient"}
-    base = ctx.baseline.reference(layer, ctx.output_layer, t.vanishing_ratio) if ctx.baseline is not None else None
+    base = ctx.baseline.reference(layer, ctx.output_layer, t.baseline_floor) if ctx.baseline is not None else None
     if base is not None and g > t.exploding_growth * base:
         message = f"gradient std {g:.2e}, {g / base:.3g}x its early-run baseline ({base:.2e})"
         return checked, [("exploding_gradient", "critical", message, g / base)]

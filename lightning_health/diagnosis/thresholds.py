@@ -18,6 +18,8 @@ class Thresholds:
     Attributes:
         exploding_growth: ``exploding_gradient`` (critical) when a layer's gradient std exceeds this
             many times its baseline (the median of its first ``baseline_samples`` readings).
+        baseline_floor: a layer's baseline is never taken below this fraction of the output-side
+            layer's, so a layer that started vanishing is not "exploding" as it recovers.
         exploding_grad_std: also call ``exploding_gradient`` above this absolute gradient std (off by default).
         vanishing_ratio: ``vanishing_gradient`` when a layer's gradient norm is below this fraction of
             the output-side layer's.
@@ -41,6 +43,7 @@ class Thresholds:
     exploding_grad_std: float | None = None
     exploding_growth: float = 100.0
     baseline_samples: int = 5
+    baseline_floor: float = 0.1
     collapse_std: float | None = 1e-3
     collapsed: float = 0.5
     collapse_unit_ratio: float = 1e-3
@@ -58,7 +61,7 @@ class Thresholds:
     def __post_init__(self) -> None:
         fractions = (
             "dead_warning", "dead_critical", "saturation", "vanishing_ratio", "inactive_warning", "stalled_ratio",
-            "entropy_drop", "collapsed", "collapse_unit_ratio",
+            "entropy_drop", "collapsed", "collapse_unit_ratio", "baseline_floor",
         )  # fmt: skip
         for name in fractions:
             value = getattr(self, name)
