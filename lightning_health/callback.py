@@ -357,6 +357,13 @@ class HealthMonitor(CallbackBase):
         self._timer.pause()  # a validation pass between two steps is not training time
 
     @override
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        if self._armed_step is not None and self._runtime is not None:
+            heads = self._runtime.output_heads(loss)
+            if heads is not None:
+                self._record.heads = set(heads)
+
+    @override
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if self._armed_step is not None and self._runtime is not None:
             self._runtime.before_optimizer_step(optimizer, amp_found_inf(trainer, optimizer))

@@ -49,6 +49,8 @@ HEALTHY = {
     "t5": lambda: zoo.hf_lm("t5"),
     "bert_masked_lm": lambda: zoo.hf_lm("bert"),
     "multilabel_head": lambda: zoo.multilabel(),
+    "autoencoder_sigmoid_bce": lambda: zoo.autoencoder(nn.Sigmoid),
+    "autoencoder_tanh_mse": lambda: zoo.autoencoder(nn.Tanh),
 }
 
 
@@ -61,6 +63,30 @@ def test_a_healthy_run_learns_and_gets_no_finding(case):
     assert monitor.curves("act_std"), "nothing was read"
     raised = [(f.layer, f.kind, f.message) for f in monitor.diagnose() if f.severity in ("warning", "critical")]
     assert not raised, f"false alarm on a healthy {case}: {raised}"
+
+
+def test_an_output_activation_is_found_from_the_graph_and_judged_as_a_head():
+    """The autoencoder's Sigmoid feeds the loss through no weight: it is the head. Its background
+    pixels at 0 are its prediction (not saturation), and its gradient, BCE's 1/(p(1-p)), is no
+    reference for the hidden layer's."""
+    task, loader = zoo.autoencoder(nn.Sigmoid)
+    monitor = _fit(task, loader)
+    assert monitor._record.heads == {"net.3"}
+    assert max(v for _, v in monitor.curves("saturation")["net.3"]) > 0.3  # it does sit at its limit
+    assert not [f for f in monitor.diagnose() if f.kind in ("saturated", "vanishing_gradient", "gradient_flow")]
+
+
+def test_output_heads_stop_at_every_learned_weight():
+    from lightning_health.capture.heads import output_heads
+
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.LayerNorm(8), nn.Sigmoid(), nn.Linear(8, 3), nn.ReLU())
+    nodes = {}
+    for i in (1, 3, 5):
+        net[i].register_forward_hook(lambda m, a, out, i=i: nodes.update({i: out.grad_fn}))
+    y = net(torch.randn(4, 6))
+    loss = (y - 1).square().mean() + 1e-4 * net[0].weight.square().sum()  # weight decay in the loss
+    assert output_heads(loss, nodes) == {5}
+    assert output_heads(y.detach().sum(), nodes) == set()  # no graph: no head
 
 
 def _kinds(monitor: HealthMonitor) -> dict[str, set[str]]:

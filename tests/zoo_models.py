@@ -225,3 +225,15 @@ def multilabel(optim: Optim | None = None) -> tuple[Task, DataLoader]:
     return Task(net, nn.functional.binary_cross_entropy_with_logits, optim or adam()), _loader(
         x, torch.cat([common, rare], 1)
     )
+
+
+def autoencoder(last: type[nn.Module]) -> tuple[Task, DataLoader]:
+    """Digits reconstructed through a 32-unit GELU code; a Sigmoid (BCE) or Tanh (MSE, pixels in [-1, 1])
+    output whose background pixels sit at the activation's limit by design."""
+    torch.manual_seed(0)
+    x, _y = digits()
+    x = (x - x.min()) / (x.max() - x.min())
+    net = nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 64), last())
+    if last is nn.Sigmoid:
+        return Task(net, nn.functional.binary_cross_entropy, adam(3e-3)), _loader(x, x)
+    return Task(net, nn.functional.mse_loss, adam(3e-3)), _loader(x, 2 * x - 1)

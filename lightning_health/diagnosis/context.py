@@ -31,6 +31,7 @@ class Context:
     previous: Mapping[str, str] = dataclasses.field(default_factory=dict)  # layer -> the one before it
     gain_baseline: GradBaseline | None = None  # each stretch's early-run grad_gain
     gradient_layers: frozenset[str] = frozenset()  # layers with a vanishing/exploding hit at this step
+    heads: frozenset[str] = frozenset()  # the model's output layers (capture/heads.py)
 
 
 Hit = tuple[str, Severity, str, float]  # kind, severity, message, value

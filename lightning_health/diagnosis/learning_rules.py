@@ -13,7 +13,7 @@ from lightning_health.diagnosis.context import Context, Hit
 
 def gradient_flow_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
     gain = r.get("grad_gain")
-    if gain is None:
+    if gain is None or layer in ctx.heads:  # the stretch into a head carries the loss's own derivative
         return set(), []
     limit = ctx.thresholds.flow_gain
     if 1 / limit <= gain <= limit:

@@ -132,7 +132,7 @@ def inactive_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set
 
 def saturation_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
     sat = r.get("saturation")
-    if sat is None:
+    if sat is None or layer in ctx.heads:  # an output head at its limit is predicting 0 or 1: its job
         return set(), []
     if sat > ctx.thresholds.saturation:
         return {"saturated"}, [("saturated", "warning", f"{pct(sat)} of outputs pressed against a flat shoulder", sat)]
@@ -236,6 +236,7 @@ def evaluate(
     layer_order: Sequence[str] | None = None,
     baseline: GradBaseline | None = None,
     gain_baseline: GradBaseline | None = None,
+    heads: Iterable[str] = (),
 ) -> tuple[list[Finding], set[tuple[str, str]]]:
     """Apply every rule in :data:`RULES` to one step's readings.
 
@@ -256,6 +257,9 @@ def evaluate(
         gain_baseline: the same on ``grad_gain`` (metric ``"grad_gain"``): with it, ``gradient_flow``
             fires only where a stretch changed or locates a vanishing/exploding layer; without it, on
             every stretch outside the band.
+        heads: the model's output layers (their output reaches the loss through no learned weight):
+            sitting at an activation's limit is their prediction, not saturation, and the stretch into
+            them carries the loss's own derivative, so neither ``saturated`` nor ``gradient_flow`` reads them.
 
     Returns:
         The findings at this step, and the (layer, kind) pairs that were checked.
@@ -271,6 +275,8 @@ def evaluate(
     )  # fmt: skip
     if layer_order:
         ctx = dataclasses.replace(ctx, previous=previous_layers(layer_order))
+    if heads:
+        ctx = dataclasses.replace(ctx, heads=frozenset(heads))
     if gain_baseline is not None:
         ctx = dataclasses.replace(ctx, gain_baseline=gain_baseline, gradient_layers=_gradient_layers(readings, ctx))
     found: list[Finding] = []

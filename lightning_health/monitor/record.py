@@ -66,12 +66,14 @@ class Record:
         self.layers: list[str] = []
         self.rectifiers: set[str] = set()  # hard-zero side: the `dead` rule
         self.smooth: set[str] = set()  # smooth off side: the `inactive` rule
+        self.heads: set[str] = set()  # the model's output: not saturated, no gradient reference (capture/heads.py)
 
     def bind(self, chosen: Sequence[MonitoredLayer]) -> None:
         """The layers of a new fit and what each activation can do."""
         if not self.findings.findings():
             self.findings = FindingLog([layer.name for layer in chosen])
         self.layers = [layer.name for layer in chosen]
+        self.heads = set()  # found again from this fit's first sampled loss
         self.rectifiers = {layer.name for layer in chosen if layer.profile.can_die}
         self.smooth = {layer.name for layer in chosen if layer.profile.off_side == "smooth"}
 
@@ -146,17 +148,19 @@ class Record:
     def diagnose(self, step: int, snapshot: Snapshot, order: Sequence[str]) -> list[Finding]:
         """Run the rules over a training step; the findings that escalated."""
         with_grad = [name for name in order if "grad_std" in snapshot.get(name, {})]
+        inner = [name for name in with_grad if name not in self.heads] or with_grad
         found, checked = evaluate(
             step,
             snapshot,
             self.thresholds,
             rectifiers=self.rectifiers,
-            output_layer=with_grad[-1] if with_grad else None,
+            output_layer=inner[-1] if inner else None,
             window=self.window,
             smooth_rectifiers=self.smooth,
             layer_order=order,
             baseline=self.grad_baseline,
             gain_baseline=self.gain_baseline,
+            heads=self.heads,
         )
         return self.findings.record(found, checked, step)
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from lightning_health._compat import rank_zero
+from lightning_health.capture.heads import output_heads
 from lightning_health.capture.hooks import Capture, Mode, StepBuffers
 from lightning_health.capture.selection import MonitoredLayer, check_names_exist, select_layers
 from lightning_health.capture.transformer import TransformerCapture
@@ -131,6 +132,19 @@ class Runtime:
             self.transformer.reset()
             self.transformer.armed = True
 
+    def output_heads(self, loss: Any) -> list[str] | None:
+        """Once per fit, before the first sampled backward: the monitored layers that are the model's
+        output (see :mod:`~lightning_health.capture.heads`); ``None`` when already found or not yet known."""
+        nodes = self.capture.head_nodes
+        if nodes is None or not nodes or not isinstance(loss, Tensor):
+            return None
+        self.capture.head_nodes = None  # found once; the nodes are not kept past this graph
+        try:
+            found = output_heads(loss, nodes)
+        except Exception:  # an unusual graph: no heads, the rules judge every layer as before
+            found = set()
+        return [self.capture.layers[i].name for i in sorted(found)]
+
     def before_optimizer_step(self, optimizer: Any, overflow: Tensor | None) -> None:
         """Gradient norms and the weights before the update (clipping touches only gradients)."""
         self.amp_overflow = overflow
@@ -142,6 +156,8 @@ class Runtime:
         """Pack every reading, run the one collective and the one host copy; the host numbers."""
         capture, accumulator = self.capture, self.accumulator
         capture.mode = Mode.OFF
+        if capture.head_nodes:  # no backward hook saw this step's loss (e.g. a bare loss.backward()): retry later
+            capture.head_nodes = {}
         if self.transformer is not None:
             self.transformer.armed = False
         norms, overflow = self.norms.take(), self.amp_overflow
