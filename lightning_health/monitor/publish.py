@@ -6,6 +6,7 @@ without a sink that shows them.
 
 from __future__ import annotations
 
+from lightning_health._optional import installed
 from lightning_health.monitor.record import Record
 from lightning_health.sinks import SinkSet
 from lightning_health.sinks.heatmap import render_heatmap
@@ -41,8 +42,8 @@ class Publisher:
     @staticmethod
     def _profile(sinks: SinkSet, record: Record, step: int) -> None:
         """The gradient-flow picture (needs matplotlib, the `plot` extra; skipped without it)."""
-        from lightning_health.sinks.depth_profile import MATPLOTLIB_AVAILABLE, PROFILE_TAG, depth_profile_rgb
+        from lightning_health.sinks.depth_profile import PROFILE_TAG, depth_profile_rgb
 
         curves = {metric: record.history.curves(metric) for metric in ("grad_norm", "act_rms")}
-        if MATPLOTLIB_AVAILABLE and curves["grad_norm"]:
+        if installed("matplotlib") and curves["grad_norm"]:
             sinks.image(step, PROFILE_TAG, depth_profile_rgb(curves, record.layers))

@@ -21,15 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lightning_health._optional import installed
 from lightning_health.offline.event_check import damaged_event_files
-
-_TENSORBOARD_AVAILABLE: bool
-try:
-    from tensorboard.backend.event_processing import event_accumulator as _event_accumulator  # noqa: F401
-
-    _TENSORBOARD_AVAILABLE = True
-except ImportError:  # pragma: no cover - depends on the environment
-    _TENSORBOARD_AVAILABLE = False
 
 #: Metric -> layer -> [(step, value)], the shape of ``HealthMonitor.curves`` for every metric at once.
 Curves = dict[str, dict[str, list[tuple[int, float]]]]
@@ -150,7 +143,7 @@ def read_run(run_dir: str | os.PathLike[str], name: str | None = None) -> RunHea
     Raises:
         ModuleNotFoundError: If ``tensorboard`` is not installed.
     """
-    if not _TENSORBOARD_AVAILABLE:
+    if not installed("tensorboard"):
         raise ModuleNotFoundError(
             "Reading event files needs `tensorboard`; install it with `pip install 'lightning_health[tensorboard]'`"
         )

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lightning_health._optional import installed
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -37,9 +39,8 @@ def comparison_figure(runs: Sequence[RunHealth]) -> Figure:
     Raises:
         ModuleNotFoundError: If matplotlib is not installed.
     """
-    from lightning_health.sinks.panel import _MATPLOTLIB_AVAILABLE
 
-    if not _MATPLOTLIB_AVAILABLE:
+    if not installed("matplotlib"):
         raise ModuleNotFoundError("Drawing the report needs `matplotlib`; pip install 'lightning_health[plot]'")
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg

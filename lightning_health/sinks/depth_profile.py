@@ -22,13 +22,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-try:
-    import matplotlib  # noqa: F401
-
-    MATPLOTLIB_AVAILABLE = True
-except ImportError:  # pragma: no cover - depends on the environment
-    MATPLOTLIB_AVAILABLE = False
-
 Curves = Mapping[str, Mapping[str, Sequence[tuple[int, float]]]]
 PROFILE_TAG = "health/depth_profile"
 PANELS = (("grad_norm", "activation gradient norm"), ("act_rms", "activation RMS"))

@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from lightning_health._optional import installed
+
 # Inferno colour map anchors (perceptually uniform, readable when printed in grey).
 _ANCHORS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
 _COLOURS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float64)
@@ -165,7 +167,7 @@ def render_heatmap(
     """
     cells = heatmap_cells(curves, layers, max_columns, nonfinite)
     if use_matplotlib is None:
-        from lightning_health.sinks.panel import _MATPLOTLIB_AVAILABLE as use_matplotlib
+        use_matplotlib = installed("matplotlib")
     if use_matplotlib:
         from lightning_health.sinks.heatmap_figure import heatmap_figure_rgb
 

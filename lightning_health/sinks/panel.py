@@ -24,17 +24,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lightning_health._optional import installed
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from lightning_health.offline.event_reader import RunHealth
-
-try:
-    import matplotlib  # noqa: F401
-
-    _MATPLOTLIB_AVAILABLE = True
-except ImportError:  # pragma: no cover - depends on the environment
-    _MATPLOTLIB_AVAILABLE = False
 
 LayerCurves = Mapping[str, Sequence[tuple[int, float]]]
 
@@ -88,7 +83,7 @@ def panel_figure(
     Raises:
         ModuleNotFoundError: If matplotlib is not installed.
     """
-    if not _MATPLOTLIB_AVAILABLE:
+    if not installed("matplotlib"):
         raise ModuleNotFoundError(
             "Drawing the panel needs `matplotlib`; install it with `pip install 'lightning_health[plot]'`"
         )

@@ -12,10 +12,10 @@ and nothing here talks to other ranks.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from lightning_health._optional import installed
 from lightning_health.sinks.base import Histogram, SinkBase
 from lightning_health.sinks.format import FINDING_COLUMNS, finding_rows
 
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 
     from lightning_health.diagnosis import Finding
 
-_WANDB_AVAILABLE = importlib.util.find_spec("wandb") is not None
 STEP_METRIC = "trainer/global_step"
 CONFIG_KEY = "lightning_health"
 CHART_PREFIX = "health/charts/"
@@ -42,7 +41,7 @@ def is_wandb_logger(logger: Any) -> bool:
 
 
 def _wandb() -> Any:
-    if not _WANDB_AVAILABLE:
+    if not installed("wandb"):
         raise ModuleNotFoundError("W&B output needs `wandb`: pip install 'lightning_health[wandb]'")
     import wandb
 
