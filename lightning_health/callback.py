@@ -359,9 +359,7 @@ class HealthMonitor(CallbackBase):
     @override
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         if self._armed_step is not None and self._runtime is not None:
-            heads = self._runtime.output_heads(loss)
-            if heads is not None:
-                self._record.heads = set(heads)
+            self._runtime.see_loss(loss)
 
     @override
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
@@ -392,6 +390,7 @@ class HealthMonitor(CallbackBase):
         self._armed_step = None
         host = runtime.collect(step, self._timing())
         record, capture = self._record, runtime.capture
+        record.heads = set(runtime.heads)
         scalars, histograms, snapshot = record.tabulate(step, host.readings, capture, runtime.host_edges)
         if runtime.transformer is not None:
             transformer_step.publish(

@@ -82,10 +82,15 @@ def test_output_heads_stop_at_every_learned_weight():
     net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.LayerNorm(8), nn.Sigmoid(), nn.Linear(8, 3), nn.ReLU())
     nodes = {}
     for i in (1, 3, 5):
-        net[i].register_forward_hook(lambda m, a, out, i=i: nodes.update({i: out.grad_fn}))
+        net[i].register_forward_hook(lambda m, a, out, i=i: nodes.update({i: [out.grad_fn]}))
     y = net(torch.randn(4, 6))
     loss = (y - 1).square().mean() + 1e-4 * net[0].weight.square().sum()  # weight decay in the loss
     assert output_heads(loss, nodes) == {5}
+    net[4].weight.requires_grad_(False)  # frozen for this backward: part of the loss, so net.3 is a head too
+    net[4].bias.requires_grad_(False)
+    y = net(torch.randn(4, 6))
+    nodes = {i: nodes[i][-1:] for i in nodes}
+    assert output_heads((y - 1).square().mean(), nodes) == {3, 5}
     assert output_heads(y.detach().sum(), nodes) == set()  # no graph: no head
 
 

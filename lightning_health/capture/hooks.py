@@ -193,9 +193,9 @@ class Capture:
         self.track_abs = False  # also sum |activation| per unit on training steps (dormancy readings)
         self.shards = ShardPlan()  # tensor parallel: units laid out across ranks (capture/sharding.py)
         self.track_moments = True  # per-unit sum and sum of squares on training steps (collapse reading)
-        # layer -> its output's autograd node, recorded on training passes until the heads are found
-        # (capture/heads.py); ``None`` once they are
-        self.head_nodes: dict[int, Any] | None = {}
+        # layer -> its outputs' autograd nodes since the last backward, recorded on training passes until
+        # the heads are found (capture/heads.py); ``None`` once they are
+        self.head_nodes: dict[int, list[Any]] | None = {}
 
     # -- lifetime -------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -307,7 +307,7 @@ class Capture:
         if self.mode is Mode.TRAIN and y.requires_grad and torch.is_grad_enabled():
             y.register_hook(self._make_grad_hook(index))  # on a DTensor itself: its local part is not in the graph
             if self.head_nodes is not None and not recomputing:
-                self.head_nodes.setdefault(index, y.grad_fn)
+                self.head_nodes.setdefault(index, []).append(y.grad_fn)
         y = local_tensor(y)
         if recomputing:
             return

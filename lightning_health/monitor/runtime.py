@@ -74,6 +74,8 @@ class Runtime:
 
     def __init__(self, monitor: HealthMonitor, trainer: Any, pl_module: Any, chosen: list[MonitoredLayer]) -> None:
         bins = monitor.histogram_bins
+        self.heads: list[str] = []  # the model's output layers, once found (capture/heads.py)
+        self._heads_found: set[int] | None = None  # layer indices found so far in the first sampled step
         act_edges = activation_edges(chosen, bins) if monitor.log_histograms else None
         grad_edges = R.symlog_edges(bins, *GRAD_EDGE_RANGE) if monitor.log_histograms else None
         # Host copies of the fixed edges, made once (edges are built on the CPU: no device transfer).
@@ -132,18 +134,27 @@ class Runtime:
             self.transformer.reset()
             self.transformer.armed = True
 
-    def output_heads(self, loss: Any) -> list[str] | None:
-        """Once per fit, before the first sampled backward: the monitored layers that are the model's
-        output (see :mod:`~lightning_health.capture.heads`); ``None`` when already found or not yet known."""
+    def see_loss(self, loss: Any) -> None:
+        """Before each backward of a sampled step, until the heads are known: the monitored layers
+        that this loss reaches through no trained weight (see :mod:`~lightning_health.capture.heads`)."""
         nodes = self.capture.head_nodes
         if nodes is None or not nodes or not isinstance(loss, Tensor):
-            return None
-        self.capture.head_nodes = None  # found once; the nodes are not kept past this graph
+            return
         try:
-            found = output_heads(loss, nodes)
-        except Exception:  # an unusual graph: no heads, the rules judge every layer as before
-            found = set()
-        return [self.capture.layers[i].name for i in sorted(found)]
+            self._heads_found = (self._heads_found or set()) | output_heads(loss, nodes)
+        except Exception:  # an unusual graph: no heads from it, the rules judge those layers as before
+            self._heads_found = self._heads_found or set()
+        nodes.clear()  # held only until this backward: they keep its graph alive
+
+    def _settle_heads(self) -> None:
+        """At the end of a sampled step that saw a backward, the heads are known for the rest of the fit."""
+        capture = self.capture
+        if capture.head_nodes is None:
+            return
+        capture.head_nodes = {}  # drop what no backward hook walked (e.g. a bare loss.backward())
+        if self._heads_found is not None:
+            self.heads = [capture.layers[i].name for i in sorted(self._heads_found)]
+            capture.head_nodes = None
 
     def before_optimizer_step(self, optimizer: Any, overflow: Tensor | None) -> None:
         """Gradient norms and the weights before the update (clipping touches only gradients)."""
@@ -156,8 +167,7 @@ class Runtime:
         """Pack every reading, run the one collective and the one host copy; the host numbers."""
         capture, accumulator = self.capture, self.accumulator
         capture.mode = Mode.OFF
-        if capture.head_nodes:  # no backward hook saw this step's loss (e.g. a bare loss.backward()): retry later
-            capture.head_nodes = {}
+        self._settle_heads()
         if self.transformer is not None:
             self.transformer.armed = False
         norms, overflow = self.norms.take(), self.amp_overflow
