@@ -19,7 +19,6 @@ from typing import Any, Literal
 import torch
 from typing_extensions import override
 
-from lightning_health import resume
 from lightning_health import settings as check
 from lightning_health._compat import CallbackBase, amp_found_inf, grad_scale_tensor, rank_zero
 from lightning_health.capture.attention import AttentionSpec, validate_attention_spec
@@ -27,6 +26,7 @@ from lightning_health.capture.hooks import Mode
 from lightning_health.capture.selection import LayerSpec, validate_layer_spec
 from lightning_health.capture.sharding import bind_to_strategy, is_model_parallel
 from lightning_health.diagnosis import Finding, Thresholds
+from lightning_health.monitor import resume
 from lightning_health.monitor.publish import Publisher
 from lightning_health.monitor.react import HealthCriticalError, react
 from lightning_health.monitor.record import Record
@@ -112,7 +112,7 @@ class HealthMonitor(CallbackBase):
             update ratio (``param_norm`` is read either way). See docs/readings.md.
         name: names this monitor in checkpoints (its ``state_key``), so two monitors with the same
             ``layers`` can coexist and a resume finds each one's state; ``None`` keys it by ``layers``
-            (see :mod:`lightning_health.resume`).
+            (see :mod:`lightning_health.monitor.resume`).
         attention: read attention entropy / logit maxima of the attention modules and massive
             activations of the residual blocks it recognises (``True``, default), nothing (``False``),
             or also the modules named by ``{name or regex: AttentionSpec(...)}`` (see docs/readings.md).

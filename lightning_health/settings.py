@@ -84,7 +84,7 @@ def as_config(monitor: Any) -> dict[str, Any]:
     """A monitor's settings as plain values (what goes into a W&B run's config)."""
     import dataclasses
 
-    from lightning_health.resume import stable_layers_repr
+    from lightning_health.monitor.resume import stable_layers_repr
 
     return {
         "name": monitor.name,
