@@ -244,3 +244,95 @@ def test_thresholds_for_the_new_rules_are_validated():
         Thresholds(unstable_update_ratio=0)
     with pytest.raises((TypeError, ValueError), match="update_ratio_max_bytes"):
         HealthMonitor(update_ratio_max_bytes=-1)
+
+
+# -- two optimizers under manual optimization -------------------------------------------------------------------
+class TwoOptimizerGan(pl.LightningModule):
+    """Lightning's GAN recipe: D (Adam) steps on its loss, then G (SGD with momentum) on its own, each toggled.
+
+    The module itself copies every Linear's weights right before and right after each ``opt.step()``:
+    the reference update of each module is the step of the optimizer that owns it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.automatic_optimization = False
+        self.g = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 4))
+        self.d = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+        self.reference: dict[int, dict[str, tuple[float, float]]] = {}  # step -> module -> (ratio, ||W_before||)
+
+    def _stepped(self, opt, owner: nn.Module, prefix: str, ref: dict[str, tuple[float, float]]) -> None:
+        linears = {f"{prefix}.{i}": m for i, m in enumerate(owner) if isinstance(m, nn.Linear)}
+        before = {n: torch.cat([p.detach().double().flatten() for p in m.parameters()]) for n, m in linears.items()}
+        opt.step()
+        for n, m in linears.items():
+            after = torch.cat([p.detach().double().flatten() for p in m.parameters()])
+            ref[n] = (((after - before[n]).norm() / before[n].norm()).item(), before[n].norm().item())
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        step, (opt_d, opt_g) = self.global_step, self.optimizers()
+        ref: dict[str, tuple[float, float]] = {}
+        fake = self.g(torch.randn(x.shape[0], 4))
+        self.toggle_optimizer(opt_d)  # G's parameters stop requiring a gradient until untoggled
+        d_loss = nn.functional.softplus(-self.d(x)).mean() + nn.functional.softplus(self.d(fake.detach())).mean()
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        self._stepped(opt_d, self.d, "d", ref)
+        self.untoggle_optimizer(opt_d)
+        self.toggle_optimizer(opt_g)
+        g_loss = nn.functional.softplus(-self.d(self.g(torch.randn(x.shape[0], 4)))).mean()
+        opt_g.zero_grad()
+        self.manual_backward(g_loss)
+        self._stepped(opt_g, self.g, "g", ref)
+        self.untoggle_optimizer(opt_g)
+        self.reference[step] = ref
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.d.parameters(), lr=1e-2), torch.optim.SGD(
+            self.g.parameters(), lr=0.05, momentum=0.9
+        )
+
+
+def test_two_optimizers_each_module_reads_the_step_of_its_own_optimizer():
+    model = TwoOptimizerGan()
+    monitor = HealthMonitor(every_n_steps=1, verbose=False)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(96, 4)), batch_size=16)
+    pl.Trainer(callbacks=[monitor], **trainer_kwargs(max_epochs=1, limit_val_batches=0)).fit(model, data)
+    ratios, norms = monitor.curves("update_ratio"), monitor.curves("param_norm")
+    modules = ("d.0", "d.2", "g.0", "g.2")
+    assert len(model.reference) == 6 and {m: [s for s, _ in ratios[m]] for m in modules} == {
+        m: sorted(model.reference) for m in modules
+    }  # global_step counts both optimizers' steps: every batch starts on an even step, and each is sampled
+    for name in modules:
+        for (step, ratio), (_, norm) in zip(ratios[name], norms[name]):
+            want_ratio, want_norm = model.reference[step][name]
+            assert want_ratio > 1e-4  # every optimizer really moved its modules
+            assert ratio == pytest.approx(want_ratio, rel=1e-5), (step, name)
+            assert norm == pytest.approx(want_norm, rel=1e-6), (step, name)
+    assert not [f for f in monitor.diagnose() if f.kind == "stalled"]
+
+
+def test_each_optimizer_is_read_right_after_its_step_even_beside_other_step_hooks():
+    a, b, idle = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3)
+    groups = [("a", list(a.parameters())), ("b", list(b.parameters())), ("idle", list(idle.parameters()))]
+    opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
+    seen = []
+    user = opt_a.register_step_post_hook(lambda *_: seen.append("user hook"))  # ours is added (and removed) beside it
+    tracker = UpdateTracker(groups, max_bytes=None)
+    for p in [*a.parameters(), *b.parameters(), *idle.parameters()]:
+        p.grad = torch.ones_like(p)
+    w_a = torch.cat([p.detach().flatten() for p in a.parameters()]).double()
+    tracker.before_step(opt_a)
+    opt_a.step()
+    with torch.no_grad():
+        a.weight.add_(100.0)  # after A's step (e.g. weight clipping by hand): not part of A's update
+    w_b = torch.cat([p.detach().flatten() for p in b.parameters()]).double()
+    tracker.before_step(opt_b)  # B's step is skipped (as a GradScaler does with inf gradients)
+    vector, read = tracker.after_step()
+    assert vector is not None and read == [0, 1, 2] and seen == ["user hook"]
+    ratios = vector[3:].tolist()
+    assert ratios[0] == pytest.approx(0.1 * (w_a.numel() ** 0.5) / w_a.norm().item(), rel=1e-6)
+    assert ratios[1] == 0.0 and ratios[2] == 0.0 and vector[1].item() == pytest.approx(w_b.norm().item())
+    assert list(opt_a._optimizer_step_post_hooks) == [user.id] and not opt_b._optimizer_step_post_hooks
