@@ -6,6 +6,8 @@ monitor reads the weights and gradients with plain torch), never from the monito
 
 from __future__ import annotations
 
+import json
+
 import lightning.pytorch as pl
 import numpy as np
 import pytest
@@ -16,7 +18,11 @@ from torch import nn
 
 from benchmarks.workloads import MLP, make_workload
 from lightning_health import HealthMonitor, Thresholds
+from lightning_health.cli import main
 from lightning_health.diagnosis.learning import UpdateWindow, depth_profile
+from lightning_health.diagnosis.replay import GRADIENT_READINGS
+from lightning_health.monitor.record import GRADIENT_READINGS as LIVE_GRADIENT_READINGS
+from lightning_health.offline.event_reader import read_run
 from lightning_health.offline.patients import PatientMLP, patient_loaders
 from lightning_health.pipeline.learning import UpdateTracker
 from lightning_health.readings.update import update_ratio
@@ -336,3 +342,49 @@ def test_each_optimizer_is_read_right_after_its_step_even_beside_other_step_hook
     assert ratios[0] == pytest.approx(0.1 * (w_a.numel() ** 0.5) / w_a.norm().item(), rel=1e-6)
     assert ratios[1] == 0.0 and ratios[2] == 0.0 and vector[1].item() == pytest.approx(w_b.norm().item())
     assert list(opt_a._optimizer_step_post_hooks) == [user.id] and not opt_b._optimizer_step_post_hooks
+
+
+# -- the same verdicts offline: `lightning-health report` over the event files ---------------------------------
+class FrozenByAccident(PatientMLP):
+    """``net.4`` still requires a gradient, but ``configure_optimizers`` forgot it: it never moves."""
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([p for n, p in self.named_parameters() if not n.startswith("net.4.")], lr=1e-2)
+
+
+LEARNING_RULES = ("stalled", "unstable", "gradient_flow")
+
+
+def _report_findings(log_dir, capsys, *args: str) -> list[dict]:
+    capsys.readouterr()
+    assert main(["report", str(log_dir), "--json", *args]) == 0
+    (run,) = json.loads(capsys.readouterr().out)["runs"]
+    return run["findings"]
+
+
+@pytest.mark.parametrize("model", [FrozenByAccident, DeepSigmoid])
+def test_the_report_replays_the_learning_rules_as_the_run_judged_them(tmp_path, capsys, model):
+    monitor = HealthMonitor(every_n_steps=1, verbose=False)  # dead_window 4: the report's default window too
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    _fit(model(), monitor, steps=8, loggers=[logger])
+    keys = ("layer", "kind", "step", "last_step", "active", "message")  # the message names both ends of a stretch
+    live = {tuple(getattr(f, k) for k in keys) for f in monitor.diagnose() if f.kind in LEARNING_RULES}
+    offline = {tuple(f[k] for k in keys) for f in _report_findings(logger.log_dir, capsys)}
+    assert live and live == {key for key in offline if key[1] in LEARNING_RULES}
+    if model is FrozenByAccident:
+        assert {key[:2] for key in live} == {("net.4", "stalled")}
+    else:  # the gradient dies on the way to the first layers, which barely move either
+        assert {key[1] for key in live} == {"gradient_flow", "stalled"}
+
+
+def test_the_report_reads_amp_skipped_steps_back_and_judges_them_as_the_run_did(tmp_path, capsys):
+    monitor = HealthMonitor(every_n_steps=1, verbose=False, dead_window=2)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # fp16 gradients overflow for several steps
+    _fit(PatientMLP(), monitor, steps=6, loggers=[logger], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    skipped = read_run(logger.log_dir).amp_skipped_steps
+    assert len(skipped) >= 2 and all(_at(monitor, "update_ratio", "net.0", s) == 0.0 for s in skipped)
+    keys = ("layer", "kind", "step", "active")  # AMP's inf gradients on skipped steps are no finding, offline too
+    offline = {tuple(f[k] for k in keys) for f in _report_findings(logger.log_dir, capsys, "--window", "2")}
+    assert offline == {tuple(getattr(f, k) for k in keys) for f in monitor.diagnose()}
+    assert GRADIENT_READINGS == LIVE_GRADIENT_READINGS  # the replay drops what the live monitor drops
