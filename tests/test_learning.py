@@ -388,3 +388,38 @@ def test_the_report_reads_amp_skipped_steps_back_and_judges_them_as_the_run_did(
     offline = {tuple(f[k] for k in keys) for f in _report_findings(logger.log_dir, capsys, "--window", "2")}
     assert offline == {tuple(getattr(f, k) for k in keys) for f in monitor.diagnose()}
     assert GRADIENT_READINGS == LIVE_GRADIENT_READINGS  # the replay drops what the live monitor drops
+
+
+def test_report_png_draws_the_gradient_norm_across_depth_when_the_run_logged_it(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_health.offline.event_reader import read_runs
+    from lightning_health.sinks.compare import DEPTH_TITLE, comparison_figure
+
+    monitor = HealthMonitor(every_n_steps=2, verbose=False)
+    logger = TensorBoardLogger(tmp_path / "runs", name="deep")
+    _fit(DeepSigmoid(), monitor, steps=6, loggers=[logger])
+    writer = SummaryWriter(str(tmp_path / "runs" / "old"))  # a run without gradient norms beside it
+    for step in (0, 10):
+        writer.add_scalar("health/dead_fraction/net.1", 0.1, step)
+    writer.close()
+    target = tmp_path / "out" / "health.png"
+    assert main(["report", str(tmp_path / "runs"), "--png", str(target)]) == 0
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    deep, old = sorted(read_runs(tmp_path / "runs"), key=lambda run: run.name)
+    figure = comparison_figure([deep, old])
+    by_title = {axis.get_title(): axis for axis in figure.axes}
+    axis = by_title[f"{deep.name}: {DEPTH_TITLE}"]
+    sigmoids = [f"net.{2 * i + 1}" for i in range(8)]  # the monitored layers, input side first
+    assert [label.get_text() for label in axis.get_xticklabels()] == sigmoids
+    assert axis.get_yscale() == "log" and [line.get_label() for line in axis.get_lines()] == [
+        "step 0",
+        "step 2",
+        "step 4",
+    ]
+    grad = monitor.curves("grad_norm")
+    for line, step in zip(axis.get_lines(), (0, 2, 4)):  # float32 in the event file
+        np.testing.assert_allclose(line.get_ydata(), [dict(grad[n])[step] for n in sigmoids], rtol=1e-6)
+    assert not by_title[f"{old.name}: {DEPTH_TITLE}"].get_lines()  # drawn empty, with a note
+    assert not any(DEPTH_TITLE in axis.get_title() for axis in comparison_figure([old]).axes)  # no column at all
