@@ -86,7 +86,9 @@ def make_callbacks(variant: Variant) -> list[Callback]:
         from lightning_health import HealthMonitor
 
         compiled = variant.name.endswith("c")
-        return [HealthMonitor(every_n_steps=variant.cadence, compile_reductions=compiled, verbose=False)]
+        # "-noupdate": without the update-ratio readings (benchmarks/update_ratio_cost.py)
+        extra = {"update_ratio_max_bytes": 0} if variant.name.endswith("-noupdate") else {}
+        return [HealthMonitor(every_n_steps=variant.cadence, compile_reductions=compiled, verbose=False, **extra)]
     if variant.name.startswith("wandb@"):
         from benchmarks.anchors import WandbWatch
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TextIO
 
 from lightning_health.diagnosis import Finding, Thresholds, diagnose_curves
+from lightning_health.diagnosis.replay import DEFAULT_WINDOW
 from lightning_health.offline.event_reader import RunHealth, make_names_unique, read_path
 from lightning_health.offline.run_summary import (
     course_of_disease,
@@ -89,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --png, also draw one panel per run next to FILE (FILE's stem + the run's name)",
     )
     report.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
+    report.add_argument(
+        "--window",
+        type=_positive_int,
+        default=DEFAULT_WINDOW,
+        metavar="N",
+        help=(
+            f"the runs' HealthMonitor dead_window (default: {DEFAULT_WINDOW}, its default): the sampled steps "
+            "the stalled/unstable rules judge together, as they did during the run"
+        ),
+    )
     report.set_defaults(handler=_report_command)
 
     demo = commands.add_parser(
@@ -138,10 +149,10 @@ def _report_command(args: argparse.Namespace) -> int:
         print(f"{PROG}: cannot write --png {args.png}: {err.strerror or err}; pick a writable path", file=sys.stderr)
         png_failed = True
     if args.json:
-        json.dump(_report_json(runs, pngs), sys.stdout, indent=2, allow_nan=False)
+        json.dump(_report_json(runs, pngs, args.window), sys.stdout, indent=2, allow_nan=False)
         sys.stdout.write("\n")
     else:
-        _print_report(runs, pngs, sys.stdout)
+        _print_report(runs, pngs, sys.stdout, args.window)
     return EXIT_NO_DATA if problems or png_failed else EXIT_OK
 
 
@@ -209,9 +220,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def _diagnose(run: RunHealth) -> list[Finding]:
+def _diagnose(run: RunHealth, window: int = DEFAULT_WINDOW) -> list[Finding]:
     # The event files do not say which layers are rectifiers, so the dead rule is applied to every layer.
-    return diagnose_curves(run.curves, Thresholds(), layer_order=run.layers)
+    return diagnose_curves(
+        run.curves, Thresholds(), layer_order=run.layers, window=window, skipped_steps=run.amp_skipped_steps
+    )
 
 
 def _health_report(run: RunHealth, findings: list[Finding]) -> HealthReport:
@@ -228,11 +241,13 @@ def _print_chart(report: HealthReport, out: TextIO) -> None:
         out.write(report.render_text() + "\n")
 
 
-def _print_report(runs: list[RunHealth], pngs: dict[str, str | None], out: TextIO) -> None:
+def _print_report(
+    runs: list[RunHealth], pngs: dict[str, str | None], out: TextIO, window: int = DEFAULT_WINDOW
+) -> None:
     for index, run in enumerate(runs):
         if index:
             out.write("\n")
-        findings = _diagnose(run)
+        findings = _diagnose(run, window)
         _print_chart(_health_report(run, findings), out)
         for damage in run.problems:  # a truncated file: say on stdout too that this report is partial
             out.write(f"note: {damage}\n")
@@ -302,11 +317,11 @@ def _json_value(value: object) -> object:
     return value
 
 
-def _report_json(runs: list[RunHealth], pngs: dict[str, str | None]) -> dict[str, object]:
+def _report_json(runs: list[RunHealth], pngs: dict[str, str | None], window: int = DEFAULT_WINDOW) -> dict[str, object]:
     threshold = Thresholds().dead_warning
     payload_runs = []
     for run in runs:
-        findings = _diagnose(run)
+        findings = _diagnose(run, window)
         payload_runs.append(
             {
                 "name": run.name,

@@ -48,3 +48,22 @@ def test_quick_run_writes_a_row_for_every_variant(tmp_path: Path) -> None:
     assert "| date |" in report and "| machine |" in report
     assert "python -m benchmarks.run --quick --workloads mlp" in report
     assert "Reductions against one read" in report
+
+
+def test_update_ratio_cost_variants_differ_only_in_the_update_readings() -> None:
+    from benchmarks.harness import make_callbacks
+    from benchmarks.update_ratio_cost import VARIANTS as COST_VARIANTS
+
+    monitors = {v.name: make_callbacks(v)[0] for v in COST_VARIANTS}
+    assert {name: m.update_ratio_max_bytes for name, m in monitors.items()} == {
+        "health@50": 2**29,
+        "health@50-noupdate": 0,
+        "health@1": 2**29,
+        "health@1-noupdate": 0,
+    }
+    assert {name: m.every_n_steps for name, m in monitors.items()} == {
+        "health@50": 50,
+        "health@50-noupdate": 50,
+        "health@1": 1,
+        "health@1-noupdate": 1,
+    }

@@ -6,6 +6,8 @@ monitor reads the weights and gradients with plain torch), never from the monito
 
 from __future__ import annotations
 
+import json
+
 import lightning.pytorch as pl
 import numpy as np
 import pytest
@@ -16,7 +18,11 @@ from torch import nn
 
 from benchmarks.workloads import MLP, make_workload
 from lightning_health import HealthMonitor, Thresholds
+from lightning_health.cli import main
 from lightning_health.diagnosis.learning import UpdateWindow, depth_profile
+from lightning_health.diagnosis.replay import GRADIENT_READINGS
+from lightning_health.monitor.record import GRADIENT_READINGS as LIVE_GRADIENT_READINGS
+from lightning_health.offline.event_reader import read_run
 from lightning_health.offline.patients import PatientMLP, patient_loaders
 from lightning_health.pipeline.learning import UpdateTracker
 from lightning_health.readings.update import update_ratio
@@ -244,3 +250,176 @@ def test_thresholds_for_the_new_rules_are_validated():
         Thresholds(unstable_update_ratio=0)
     with pytest.raises((TypeError, ValueError), match="update_ratio_max_bytes"):
         HealthMonitor(update_ratio_max_bytes=-1)
+
+
+# -- two optimizers under manual optimization -------------------------------------------------------------------
+class TwoOptimizerGan(pl.LightningModule):
+    """Lightning's GAN recipe: D (Adam) steps on its loss, then G (SGD with momentum) on its own, each toggled.
+
+    The module itself copies every Linear's weights right before and right after each ``opt.step()``:
+    the reference update of each module is the step of the optimizer that owns it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.automatic_optimization = False
+        self.g = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 4))
+        self.d = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+        self.reference: dict[int, dict[str, tuple[float, float]]] = {}  # step -> module -> (ratio, ||W_before||)
+
+    def _stepped(self, opt, owner: nn.Module, prefix: str, ref: dict[str, tuple[float, float]]) -> None:
+        linears = {f"{prefix}.{i}": m for i, m in enumerate(owner) if isinstance(m, nn.Linear)}
+        before = {n: torch.cat([p.detach().double().flatten() for p in m.parameters()]) for n, m in linears.items()}
+        opt.step()
+        for n, m in linears.items():
+            after = torch.cat([p.detach().double().flatten() for p in m.parameters()])
+            ref[n] = (((after - before[n]).norm() / before[n].norm()).item(), before[n].norm().item())
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        step, (opt_d, opt_g) = self.global_step, self.optimizers()
+        ref: dict[str, tuple[float, float]] = {}
+        fake = self.g(torch.randn(x.shape[0], 4))
+        self.toggle_optimizer(opt_d)  # G's parameters stop requiring a gradient until untoggled
+        d_loss = nn.functional.softplus(-self.d(x)).mean() + nn.functional.softplus(self.d(fake.detach())).mean()
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        self._stepped(opt_d, self.d, "d", ref)
+        self.untoggle_optimizer(opt_d)
+        self.toggle_optimizer(opt_g)
+        g_loss = nn.functional.softplus(-self.d(self.g(torch.randn(x.shape[0], 4)))).mean()
+        opt_g.zero_grad()
+        self.manual_backward(g_loss)
+        self._stepped(opt_g, self.g, "g", ref)
+        self.untoggle_optimizer(opt_g)
+        self.reference[step] = ref
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.d.parameters(), lr=1e-2), torch.optim.SGD(
+            self.g.parameters(), lr=0.05, momentum=0.9
+        )
+
+
+def test_two_optimizers_each_module_reads_the_step_of_its_own_optimizer():
+    model = TwoOptimizerGan()
+    monitor = HealthMonitor(every_n_steps=1, verbose=False)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(96, 4)), batch_size=16)
+    pl.Trainer(callbacks=[monitor], **trainer_kwargs(max_epochs=1, limit_val_batches=0)).fit(model, data)
+    ratios, norms = monitor.curves("update_ratio"), monitor.curves("param_norm")
+    modules = ("d.0", "d.2", "g.0", "g.2")
+    assert len(model.reference) == 6 and {m: [s for s, _ in ratios[m]] for m in modules} == {
+        m: sorted(model.reference) for m in modules
+    }  # global_step counts both optimizers' steps: every batch starts on an even step, and each is sampled
+    for name in modules:
+        for (step, ratio), (_, norm) in zip(ratios[name], norms[name]):
+            want_ratio, want_norm = model.reference[step][name]
+            assert want_ratio > 1e-4  # every optimizer really moved its modules
+            assert ratio == pytest.approx(want_ratio, rel=1e-5), (step, name)
+            assert norm == pytest.approx(want_norm, rel=1e-6), (step, name)
+    assert not [f for f in monitor.diagnose() if f.kind == "stalled"]
+
+
+def test_each_optimizer_is_read_right_after_its_step_even_beside_other_step_hooks():
+    a, b, idle = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3)
+    groups = [("a", list(a.parameters())), ("b", list(b.parameters())), ("idle", list(idle.parameters()))]
+    opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
+    seen = []
+    user = opt_a.register_step_post_hook(lambda *_: seen.append("user hook"))  # ours is added (and removed) beside it
+    tracker = UpdateTracker(groups, max_bytes=None)
+    for p in [*a.parameters(), *b.parameters(), *idle.parameters()]:
+        p.grad = torch.ones_like(p)
+    w_a = torch.cat([p.detach().flatten() for p in a.parameters()]).double()
+    tracker.before_step(opt_a)
+    opt_a.step()
+    with torch.no_grad():
+        a.weight.add_(100.0)  # after A's step (e.g. weight clipping by hand): not part of A's update
+    w_b = torch.cat([p.detach().flatten() for p in b.parameters()]).double()
+    tracker.before_step(opt_b)  # B's step is skipped (as a GradScaler does with inf gradients)
+    vector, read = tracker.after_step()
+    assert vector is not None and read == [0, 1, 2] and seen == ["user hook"]
+    ratios = vector[3:].tolist()
+    assert ratios[0] == pytest.approx(0.1 * (w_a.numel() ** 0.5) / w_a.norm().item(), rel=1e-6)
+    assert ratios[1] == 0.0 and ratios[2] == 0.0 and vector[1].item() == pytest.approx(w_b.norm().item())
+    assert list(opt_a._optimizer_step_post_hooks) == [user.id] and not opt_b._optimizer_step_post_hooks
+
+
+# -- the same verdicts offline: `lightning-health report` over the event files ---------------------------------
+class FrozenByAccident(PatientMLP):
+    """``net.4`` still requires a gradient, but ``configure_optimizers`` forgot it: it never moves."""
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([p for n, p in self.named_parameters() if not n.startswith("net.4.")], lr=1e-2)
+
+
+LEARNING_RULES = ("stalled", "unstable", "gradient_flow")
+
+
+def _report_findings(log_dir, capsys, *args: str) -> list[dict]:
+    capsys.readouterr()
+    assert main(["report", str(log_dir), "--json", *args]) == 0
+    (run,) = json.loads(capsys.readouterr().out)["runs"]
+    return run["findings"]
+
+
+@pytest.mark.parametrize("model", [FrozenByAccident, DeepSigmoid])
+def test_the_report_replays_the_learning_rules_as_the_run_judged_them(tmp_path, capsys, model):
+    monitor = HealthMonitor(every_n_steps=1, verbose=False)  # dead_window 4: the report's default window too
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    _fit(model(), monitor, steps=8, loggers=[logger])
+    keys = ("layer", "kind", "step", "last_step", "active", "message")  # the message names both ends of a stretch
+    live = {tuple(getattr(f, k) for k in keys) for f in monitor.diagnose() if f.kind in LEARNING_RULES}
+    offline = {tuple(f[k] for k in keys) for f in _report_findings(logger.log_dir, capsys)}
+    assert live and live == {key for key in offline if key[1] in LEARNING_RULES}
+    if model is FrozenByAccident:
+        assert {key[:2] for key in live} == {("net.4", "stalled")}
+    else:  # the gradient dies on the way to the first layers, which barely move either
+        assert {key[1] for key in live} == {"gradient_flow", "stalled"}
+
+
+def test_the_report_reads_amp_skipped_steps_back_and_judges_them_as_the_run_did(tmp_path, capsys):
+    monitor = HealthMonitor(every_n_steps=1, verbose=False, dead_window=2)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # fp16 gradients overflow for several steps
+    _fit(PatientMLP(), monitor, steps=6, loggers=[logger], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    skipped = read_run(logger.log_dir).amp_skipped_steps
+    assert len(skipped) >= 2 and all(_at(monitor, "update_ratio", "net.0", s) == 0.0 for s in skipped)
+    keys = ("layer", "kind", "step", "active")  # AMP's inf gradients on skipped steps are no finding, offline too
+    offline = {tuple(f[k] for k in keys) for f in _report_findings(logger.log_dir, capsys, "--window", "2")}
+    assert offline == {tuple(getattr(f, k) for k in keys) for f in monitor.diagnose()}
+    assert GRADIENT_READINGS == LIVE_GRADIENT_READINGS  # the replay drops what the live monitor drops
+
+
+def test_report_png_draws_the_gradient_norm_across_depth_when_the_run_logged_it(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_health.offline.event_reader import read_runs
+    from lightning_health.sinks.compare import DEPTH_TITLE, comparison_figure
+
+    monitor = HealthMonitor(every_n_steps=2, verbose=False)
+    logger = TensorBoardLogger(tmp_path / "runs", name="deep")
+    _fit(DeepSigmoid(), monitor, steps=6, loggers=[logger])
+    writer = SummaryWriter(str(tmp_path / "runs" / "old"))  # a run without gradient norms beside it
+    for step in (0, 10):
+        writer.add_scalar("health/dead_fraction/net.1", 0.1, step)
+    writer.close()
+    target = tmp_path / "out" / "health.png"
+    assert main(["report", str(tmp_path / "runs"), "--png", str(target)]) == 0
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    deep, old = sorted(read_runs(tmp_path / "runs"), key=lambda run: run.name)
+    figure = comparison_figure([deep, old])
+    by_title = {axis.get_title(): axis for axis in figure.axes}
+    axis = by_title[f"{deep.name}: {DEPTH_TITLE}"]
+    sigmoids = [f"net.{2 * i + 1}" for i in range(8)]  # the monitored layers, input side first
+    assert [label.get_text() for label in axis.get_xticklabels()] == sigmoids
+    assert axis.get_yscale() == "log" and [line.get_label() for line in axis.get_lines()] == [
+        "step 0",
+        "step 2",
+        "step 4",
+    ]
+    grad = monitor.curves("grad_norm")
+    for line, step in zip(axis.get_lines(), (0, 2, 4)):  # float32 in the event file
+        np.testing.assert_allclose(line.get_ydata(), [dict(grad[n])[step] for n in sigmoids], rtol=1e-6)
+    assert not by_title[f"{old.name}: {DEPTH_TITLE}"].get_lines()  # drawn empty, with a note
+    assert not any(DEPTH_TITLE in axis.get_title() for axis in comparison_figure([old]).axes)  # no column at all

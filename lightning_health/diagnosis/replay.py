@@ -6,8 +6,17 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from lightning_health.diagnosis.baseline import GradBaseline
 from lightning_health.diagnosis.findings import Finding, FindingLog
+from lightning_health.diagnosis.learning import UpdateWindow
 from lightning_health.diagnosis.rules import evaluate
 from lightning_health.diagnosis.thresholds import Thresholds
+
+#: The update-ratio window when the run's ``dead_window`` is not known (``HealthMonitor``'s default).
+DEFAULT_WINDOW = 4
+#: What the live monitor leaves out of the diagnosis of a step the GradScaler skipped (they are still
+#: logged): the same as ``lightning_health.monitor.record.GRADIENT_READINGS``.
+GRADIENT_READINGS = ("grad_std", "grad_max", "grad_norm", "grad_nonfinite")
+# The readings that make a layer one of the depth profile's (a monitored layer, not a parameter group).
+_PROFILE_READINGS = ("act_rms", "grad_norm", "act_gain", "grad_gain")
 
 
 def diagnose_curves(
@@ -16,13 +25,27 @@ def diagnose_curves(
     *,
     rectifiers: Iterable[str] | None = None,
     layer_order: Sequence[str] | None = None,
+    window: int | None = None,
+    skipped_steps: Iterable[int] = (),
 ) -> list[Finding]:
     """Replay the rules over logged curves ``{metric: {layer: [(step, value), ...]}}``.
 
     This is how ``lightning-health report`` diagnoses a finished run from its TensorBoard files.
     The output-side layer is the last one in ``layer_order`` (or in the order layers appear). The
-    early-run gradient baselines are rebuilt from the curves in step order, exactly as the live
-    monitor builds them, so the report gives the same verdicts as the run did.
+    early-run gradient baselines and each module's window of update ratios (``stalled``,
+    ``unstable``) are rebuilt from the curves in step order, exactly as the live monitor builds
+    them, so the report gives the same verdicts as the run did. ``gradient_flow`` reads the logged
+    ``grad_gain``; its message names the previous monitored layer in ``layer_order``.
+
+    Args:
+        curves: the logged readings; ``update_ratio`` and ``param_grad_norm`` feed the update window.
+        thresholds: the rule thresholds (default: :class:`Thresholds`).
+        rectifiers: layers the ``dead`` rule applies to; ``None``: every layer.
+        layer_order: the layers in forward order (the order of the findings and of the depth profile).
+        window: the run's ``dead_window``: the update-ratio window, also named in the messages;
+            ``None``: :data:`DEFAULT_WINDOW` for the update window, and messages say "the window".
+        skipped_steps: steps whose optimizer step the GradScaler skipped (``health/amp_skipped_step``):
+            their update ratios are not judged and their gradient readings are left out, as live.
     """
     thresholds = thresholds or Thresholds()
     by_step: dict[int, dict[str, dict[str, float]]] = {}
@@ -33,9 +56,13 @@ def diagnose_curves(
                 order.append(layer)
             for step, value in points:
                 by_step.setdefault(int(step), {}).setdefault(layer, {})[metric] = float(value)
+    profiled = {layer for metric in _PROFILE_READINGS for layer in curves.get(metric, {})}
+    depth_order = [layer for layer in order if layer in profiled]
+    skipped = {int(step) for step in skipped_steps}
     log = FindingLog(order)
     baseline = GradBaseline(thresholds.baseline_samples)
     gains = GradBaseline(thresholds.baseline_samples, "grad_gain")
+    updates = UpdateWindow(window or DEFAULT_WINDOW)
     output = None
     latest_nonfinite: dict[str, float] = {}
     for step in sorted(by_step):
@@ -47,12 +74,25 @@ def diagnose_curves(
                 latest_nonfinite[layer] = readings["nonfinite"]
             elif latest_nonfinite.get(layer):
                 readings["nonfinite"] = latest_nonfinite[layer]
+            if step in skipped:
+                for key in GRADIENT_READINGS:
+                    readings.pop(key, None)
+        learning = {layer: r for layer, r in snapshot.items() if "update_ratio" in r}
+        for layer, stats in updates.add(learning, skipped=step in skipped, step=step).items():
+            snapshot[layer].update(stats)
         with_grad = [name for name in order if "grad_std" in snapshot.get(name, {})]
         if with_grad:
             output = with_grad[-1]
         found, checked = evaluate(
-            step, snapshot, thresholds, rectifiers=rectifiers, output_layer=output, baseline=baseline,
-            layer_order=order, gain_baseline=gains,
-        )  # fmt: skip
+            step,
+            snapshot,
+            thresholds,
+            rectifiers=rectifiers,
+            output_layer=output,
+            window=window,
+            layer_order=depth_order,
+            baseline=baseline,
+            gain_baseline=gains,
+        )
         log.record(found, checked, step)
     return log.findings()

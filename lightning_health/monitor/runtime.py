@@ -161,7 +161,7 @@ class Runtime:
         self.amp_overflow = overflow
         if self.groups:
             self.norms.read(optimizer)
-            self.updates.before_step()
+            self.updates.before_step(optimizer)
 
     def collect(self, step: int, timing: Tensor | None) -> StepHost:
         """Pack every reading, run the one collective and the one host copy; the host numbers."""

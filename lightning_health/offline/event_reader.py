@@ -36,6 +36,8 @@ FINDINGS_TAG = "health/findings"
 _SCALAR_TAG = re.compile(r"^(?:[^/]*-)?health/(?P<metric>[^/]+)/(?P<layer>.+)$")
 # The run's status line: not per layer (see lightning_health.sinks.status).
 _STATUS_TAG = re.compile(r"^(?:[^/]*-)?health/(?P<key>status|worst/[^/]+)$")
+# Written at a sampled step whose optimizer step the GradScaler skipped (see lightning_health.monitor.record).
+_AMP_SKIPPED_TAG = re.compile(r"^(?:[^/]*-)?health/amp_skipped_step$")
 
 
 def split_health_tag(tag: str) -> tuple[str, str] | None:
@@ -67,6 +69,8 @@ class RunHealth:
         status: The run's status line, ``{"status": [...], "worst/dead_fraction": [...], ...}`` (the
             ``health/status`` and ``health/worst/*`` scalars, see :mod:`lightning_health.sinks.status`).
         problems: One line per event file that is truncated or corrupt, saying what was read.
+        amp_skipped_steps: The sampled steps whose optimizer step the GradScaler skipped
+            (``health/amp_skipped_step``): the report judges them as the live monitor did.
     """
 
     name: str
@@ -75,6 +79,7 @@ class RunHealth:
     findings_text: list[tuple[int, str]] = field(default_factory=list)
     status: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    amp_skipped_steps: list[int] = field(default_factory=list)
 
     @property
     def layers(self) -> list[str]:
@@ -159,7 +164,11 @@ def read_run(run_dir: str | os.PathLike[str], name: str | None = None) -> RunHea
 
     curves: Curves = {}
     status: dict[str, list[tuple[int, float]]] = {}
+    skipped: set[int] = set()
     for tag in tags.get(event_accumulator.SCALARS, []):
+        if _AMP_SKIPPED_TAG.match(tag):
+            skipped.update(event.step for event in accumulator.Scalars(tag) if event.value > 0)
+            continue
         status_key = _status_key(tag)
         parsed = split_health_tag(tag)
         if status_key is None and parsed is None:
@@ -180,6 +189,7 @@ def read_run(run_dir: str | os.PathLike[str], name: str | None = None) -> RunHea
                 findings.append((event.step, text))
     findings.sort(key=lambda item: item[0])
     run = RunHealth(name=name or run_path.name, path=run_path, curves=curves, findings_text=findings, status=status)
+    run.amp_skipped_steps = sorted(skipped)
     for check in damaged_event_files(run_path):
         read = f"read {check.records} whole record(s) before it"
         last = run.last_step

@@ -3,16 +3,28 @@
 How it is taken (a sampled step only; unsampled steps do nothing):
 
 1. ``on_before_optimizer_step`` (after backward and AMP unscaling, before clipping and before the
-   optimizer's update): :meth:`UpdateTracker.before_step` computes ``||W||`` of every module and
-   copies the parameters of the modules it reads this step (exact copies, in their own dtype).
-   Gradient clipping changes gradients, never weights, so this snapshot is the weights the update
-   starts from. It is taken after backward, when the activations are freed: an optimizer
-   ``step_pre_hook`` would run *before* Lightning's closure (forward and backward happen inside
-   ``optimizer.step(closure)``) and hold the copy through the activation peak.
-2. ``on_train_batch_end`` (after ``optimizer.step``, the scaler's update and ``zero_grad``):
-   :meth:`UpdateTracker.after_step` subtracts the live weights from the copy in place, takes the
-   norms, frees the copy and returns one float64 device vector that rides the step's one host
-   transfer. A step the GradScaler skipped left the weights alone: it reads 0, exactly.
+   optimizer's update): :meth:`UpdateTracker.before_step` computes ``||W||`` of every module (first
+   optimizer of the step) and copies the parameters that this optimizer steps, of the modules it
+   reads this step (exact copies, in their own dtype). Gradient clipping changes gradients, never
+   weights, so this snapshot is the weights the update starts from. It is taken after backward, when
+   the activations are freed: an optimizer ``step_pre_hook`` would run *before* Lightning's closure
+   (forward and backward happen inside ``optimizer.step(closure)``) and hold the copy through the
+   activation peak.
+2. Right after that optimizer's ``step`` (a one-shot ``register_step_post_hook``), the live weights
+   are subtracted from the copy in place, the squared norms are added to the step's totals and the
+   copy is freed. An optimizer without step hooks, or a step the GradScaler skipped (it never calls
+   ``step``: the weights did not move, it reads 0 exactly), is read at the next optimizer's
+   ``on_before_optimizer_step`` or at ``on_train_batch_end``, whichever comes first.
+3. ``on_train_batch_end``: :meth:`UpdateTracker.after_step` returns one float64 device vector that
+   rides the step's one host transfer.
+
+Several optimizers in one step (manual optimization, GAN-style): each parameter is copied before the
+first optimizer that holds it steps, and read after that optimizer's step, so each module's ratio is
+the update of its own optimizer, over its weights just before that update (also its ``param_norm``).
+Lightning's ``toggle_optimizer`` turns off ``requires_grad`` of the other optimizers' parameters; they
+are copied when their own optimizer steps. A parameter in no optimizer is not copied and reads 0
+(unless no optimizer holds any monitored parameter, e.g. a wrapper stepping its own copies: then the
+first optimizer's snapshot covers every module, read at the end of the batch).
 
 Cost: one read of every parameter (the norms) and, for the modules read, one copy and one
 subtraction. The copy is the price of exactness for any optimizer; ``max_bytes`` bounds it. When the
@@ -20,16 +32,18 @@ modules do not fit the budget together, they are read in rotation (each sampled 
 modules that fit), so every module is read every few sampled steps and the peak stays under the
 budget. A module larger than the budget on its own is never read (the monitor says so at set-up).
 
-Parameters that do not require a gradient at snapshot time (frozen after set-up) are not copied:
-they read 0 update. Modules frozen before set-up are not among the groups at all, like
+Parameters that do not require a gradient when their optimizer steps (frozen after set-up) are not
+copied: they read 0 update. Modules frozen before set-up are not among the groups at all, like
 ``param_grad_norm``. Under DDP the parameters are replicated, so every rank computes the same
 numbers locally; no collective is needed. Sharded parameters (FSDP2 ``fully_shard``, tensor
 parallel: DTensors) are read from each rank's local shard, weighted so a shard held by several ranks
-counts once, and one sum all-reduce per read gives every rank the global norms.
+counts once, and sum all-reduces give every rank the global norms (one for the norms, one for the
+differences, one more per later optimizer that brings modules of its own).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,6 +63,39 @@ def group_bytes(params: Sequence[torch.nn.Parameter]) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
+def optimizer_param_ids(optimizer: Any) -> set[int] | None:
+    """``id`` of every parameter ``optimizer`` steps; ``None`` when it does not say (no ``param_groups``)."""
+    groups = getattr(optimizer, "param_groups", None)
+    if not groups:
+        return None
+    return {id(p) for group in groups for p in group.get("params", [])}
+
+
+@dataclasses.dataclass
+class _Copy:
+    """The weights one optimizer is about to step, copied; read once after its step."""
+
+    optimizer: Any
+    live: list[torch.nn.Parameter]
+    copy: list[Tensor]
+    slots: Tensor  # per copied tensor, its slot in `_Step.chosen`
+    nbytes: int
+
+
+@dataclasses.dataclass
+class _Step:
+    """One sampled step's state, from the first optimizer's ``on_before_optimizer_step`` to ``after_step``."""
+
+    chosen: list[int]  # groups read this step
+    norms: Tensor  # ||W|| per group (float64, device); each read group's at its own snapshot
+    deltas: Tensor  # ||W_after - W_before||^2 per chosen slot, this rank's share, summed over optimizers
+    taken: set[int]  # ids of the parameters copied so far
+    based: set[int]  # chosen slots whose ||W_before|| is set (at their first copy)
+    pending: list[_Copy]
+    handles: list[Any] = dataclasses.field(default_factory=list)  # step post hooks, removed once the step ends
+    held: int = 0  # bytes of copies held now
+
+
 class UpdateTracker:
     """``param_norm`` of every module and ``update_ratio`` of the modules read this step.
 
@@ -65,10 +112,8 @@ class UpdateTracker:
         self.too_large = [name for (name, _p), size in zip(self.groups, self.sizes) if max_bytes and size > max_bytes]
         self._cursor = 0
         self._owners: Tensor | None = None
-        self._before: tuple[list[int], list[Tensor], Tensor, Tensor] | None = None  # chosen, copy, owners, norms
-        self.peak_bytes = 0  # the largest snapshot taken so far
-        self._live: list[torch.nn.Parameter] = []
-        self._norms: Tensor | None = None
+        self._step: _Step | None = None
+        self.peak_bytes = 0  # the most bytes of copies held at once so far
         # sharded parameters (FSDP2, tensor parallel): local shards, weighted so each element counts once
         self.sharded = any(hasattr(p, "placements") for _name, params in self.groups for p in params)
         self._weights: dict[Any, Tensor] = {}
@@ -108,12 +153,17 @@ class UpdateTracker:
             self._cursor = (chosen[-1] + 1) % n
         return chosen
 
-    def before_step(self) -> None:
-        """Norms of every module, and the copy of the modules to read (once per sampled step)."""
-        if self._before is not None or not self.groups:
-            return  # a second optimizer in the same step: the first snapshot covers both updates
+    def _norms_of(self, groups: Sequence[int], device: torch.device) -> Tensor:
+        """``||W||`` of ``groups`` now (the global norms when sharded), in that order."""
+        params = [p for i in groups for p in self.groups[i][1]]
+        owners = torch.tensor([k for k, i in enumerate(groups) for _p in self.groups[i][1]], device=device)
+        local = [local_tensor(p.detach()) for p in params]
+        weights = self._shard_weights(params, device)
+        return self._global_squares(group_squares(local, owners, len(groups), weights)).sqrt_()
+
+    def _start(self, device: torch.device) -> _Step:
+        """Norms of every module and the modules to read: once per sampled step, at its first optimizer."""
         params = [p for _name, group in self.groups for p in group]
-        device = params[0].device
         if self._owners is None or self._owners.device != device:
             owners = [g for g, (_name, group) in enumerate(self.groups) for _p in group]
             self._owners = torch.tensor(owners, dtype=torch.long, device=device)
@@ -121,42 +171,88 @@ class UpdateTracker:
         weights = self._shard_weights(params, device)
         norms = self._global_squares(group_squares(local, self._owners, len(self.groups), weights)).sqrt_()
         chosen = self._choose() if self.max_bytes != 0 else []
+        deltas = torch.zeros(len(chosen), dtype=torch.float64, device=device)
+        return _Step(chosen, norms, deltas, set(), set(), [])
+
+    def before_step(self, optimizer: Any = None) -> None:
+        """Before ``optimizer`` steps: the norms (first optimizer of the step) and a copy of what it will move.
+
+        Args:
+            optimizer: the optimizer about to step; ``None``: every read module's parameters are copied.
+        """
+        if not self.groups:
+            return
+        device = self.groups[0][1][0].device
+        step = self._step
+        first = step is None
+        if step is None:
+            step = self._step = self._start(device)
+        else:  # an earlier optimizer's step is over: read what its post hook did not
+            for entry in [e for e in step.pending if e.optimizer is not optimizer]:
+                self._read(entry)
+        owned = optimizer_param_ids(optimizer)
+        monitored = [p for _name, group in self.groups for p in group]
+        if owned is not None and not any(id(p) in owned for p in monitored):
+            owned = None  # it steps none of the monitored parameters itself (a wrapper's copies): copy them all
         live: list[torch.nn.Parameter] = []
         slots: list[int] = []
-        for slot, i in enumerate(chosen):
+        for slot, i in enumerate(step.chosen):
             for p in self.groups[i][1]:
-                if p.requires_grad:
+                if p.requires_grad and id(p) not in step.taken and (owned is None or id(p) in owned):
                     live.append(p)
                     slots.append(slot)
+        if not live:
+            return
+        fresh = sorted(set(slots) - step.based)
+        if not first and fresh:  # modules this optimizer is the first to move: their weights just before it
+            groups = [step.chosen[s] for s in fresh]
+            step.norms[torch.tensor(groups, device=device)] = self._norms_of(groups, device)
+        step.based.update(fresh)
+        step.taken.update(id(p) for p in live)
         copy = snapshot([local_tensor(p.detach()) for p in live])
-        self.peak_bytes = max(self.peak_bytes, sum(t.numel() * t.element_size() for t in copy))
-        self._live = live
-        owners_t = torch.tensor(slots, dtype=torch.long, device=device)
-        picked = norms[torch.tensor(chosen, dtype=torch.long, device=device)]
-        self._before = (chosen, copy, owners_t, picked)
-        self._norms = norms
+        nbytes = sum(t.numel() * t.element_size() for t in copy)
+        entry = _Copy(optimizer, live, copy, torch.tensor(slots, dtype=torch.long, device=device), nbytes)
+        step.pending.append(entry)
+        step.held += nbytes
+        self.peak_bytes = max(self.peak_bytes, step.held)
+        if optimizer is not None and hasattr(optimizer, "register_step_post_hook"):
+            # removed at the end of the step, not from inside it: torch iterates the hooks while calling them
+            step.handles.append(optimizer.register_step_post_hook(lambda *_args: self._read(entry)))
+
+    def _read(self, entry: _Copy) -> None:
+        """The squared differences of one copy with the live weights, added to the step's; the copy freed."""
+        step = self._step
+        if step is None or entry not in step.pending:
+            return  # read already: the same optimizer stepped again in this batch, or the batch is over
+        step.pending.remove(entry)
+        weights = self._shard_weights(entry.live, entry.slots.device)
+        local = [local_tensor(p.detach()) for p in entry.live]
+        step.deltas += update_squares(entry.copy, local, entry.slots, len(step.chosen), weights)
+        step.held -= entry.nbytes
+        entry.copy = []
 
     def after_step(self) -> tuple[Tensor | None, list[int]]:
         """The device vector ``[param_norm per module, update_ratio per module read]`` and which were read.
 
         ``(None, [])`` when no snapshot was taken this step (no optimizer step ran).
         """
-        if self._before is None:
+        step = self._step
+        if step is None:
             return None, []
-        chosen, copy, owners, picked = self._before
-        self._before = None
-        live, self._live = self._live, []
-        weights = self._shard_weights(live, owners.device)
-        local = [local_tensor(p.detach()) for p in live]
-        deltas = self._global_squares(update_squares(copy, local, owners, len(chosen), weights)).sqrt_()
-        del copy
-        assert self._norms is not None
-        return torch.cat([self._norms, update_ratio(deltas, picked)]), chosen
+        for entry in list(step.pending):
+            self._read(entry)
+        self._step = None
+        for handle in step.handles:
+            handle.remove()
+        deltas = self._global_squares(step.deltas).sqrt_()
+        picked = step.norms[torch.tensor(step.chosen, dtype=torch.long, device=step.norms.device)]
+        return torch.cat([step.norms, update_ratio(deltas, picked)]), step.chosen
 
     def discard(self) -> None:
-        """Drop a snapshot that will not be read (the step was abandoned)."""
-        self._before = None
-        self._live = []
+        """Drop a snapshot that will not be read (the step was abandoned), and its hooks."""
+        step, self._step = self._step, None
+        for handle in step.handles if step is not None else []:
+            handle.remove()
 
     def readings(self, host: Sequence[float], chosen: Sequence[int]) -> dict[str, dict[str, float]]:
         """Host numbers -> ``{module: {"param_norm": .., "update_ratio": ..}}`` (ratio only where read)."""

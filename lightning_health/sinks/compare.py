@@ -2,8 +2,11 @@
 
 Top row: the status line (``health/status`` and the worst-layer readings), one line per run, so a
 healthy and a sick run differ in one look. Below, one row per run: its dead fraction per layer (a
-colour per layer, named in the legend) and its layer x step heatmap (NaN/Inf cells in blue). Object
-API on an Agg canvas, as :mod:`lightning_health.sinks.panel`.
+colour per layer, named in the legend), its layer x step heatmap (NaN/Inf cells in blue) and, when
+any run logged the activation-gradient norm (``grad_norm``), its gradient norm across depth: layers
+on x in forward order (input left), one line per few sampled steps, log y (see
+:mod:`lightning_health.sinks.depth_profile`). Object API on an Agg canvas, as
+:mod:`lightning_health.sinks.panel`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
 
     from lightning_health.offline.event_reader import RunHealth
 
+DEPTH_TITLE = "gradient norm across depth (input left)"
 NAN_BLUE = "#1e90ff"  # the heatmap's NaN/Inf blue (30, 144, 255)
 #: ``(key in the status series, chart title)`` of the top row.
 STATUS_CHARTS = (
@@ -48,13 +52,14 @@ def comparison_figure(runs: Sequence[RunHealth]) -> Figure:
 
     from lightning_health.offline.run_summary import status_series
 
-    figure = Figure(figsize=(18.0, 3.4 * (1 + len(runs))), dpi=90, layout="constrained")
+    depth = any(_profile(run)[1] for run in runs)
+    figure = Figure(figsize=(24.0 if depth else 18.0, 3.4 * (1 + len(runs))), dpi=90, layout="constrained")
     FigureCanvasAgg(figure)
-    grid = figure.add_gridspec(1 + len(runs), 4)
+    grid = figure.add_gridspec(1 + len(runs), 12)  # status charts 3 columns each; a run's charts 6 (or 4) each
     run_colours = [colormaps["tab10"](i % 10) for i in range(len(runs))]
     series = [status_series(run) for run in runs]
     for column, (key, title) in enumerate(STATUS_CHARTS):
-        axes = figure.add_subplot(grid[0, column])
+        axes = figure.add_subplot(grid[0, 3 * column : 3 * column + 3])
         for run, per_run, colour in zip(runs, series, run_colours):
             points = per_run.get(key, [])
             if points:
@@ -66,10 +71,37 @@ def comparison_figure(runs: Sequence[RunHealth]) -> Figure:
             axes.legend(fontsize="small", loc="best")
             axes.set_yticks([0, 1, 2], labels=["ok", "warning", "critical"])
             axes.set_ylim(-0.2, 2.2)
+    width = 4 if depth else 6
     for row, run in enumerate(runs, start=1):
-        _dead_fraction_lines(figure.add_subplot(grid[row, :2]), run)
-        _heatmap(figure.add_subplot(grid[row, 2:]), run)
+        _dead_fraction_lines(figure.add_subplot(grid[row, :width]), run)
+        _heatmap(figure.add_subplot(grid[row, width : 2 * width]), run)
+        if depth:
+            _depth_lines(figure.add_subplot(grid[row, 2 * width :]), run)
     return figure
+
+
+def _profile(run: RunHealth) -> tuple[list[str], list[int]]:
+    """The run's layers with a gradient norm, in logged (forward) order, and the few steps drawn."""
+    from lightning_health.sinks.depth_profile import profile_steps
+
+    names = [layer for layer in run.layers if layer in run.curves.get("grad_norm", {})]
+    return names, profile_steps(run.curves, names)
+
+
+def _depth_lines(axis: Axes, run: RunHealth) -> None:
+    """The run's activation-gradient norm per layer across depth, one line per few sampled steps."""
+    from lightning_health.sinks.depth_profile import draw_profile
+
+    names, steps = _profile(run)
+    axis.set_title(f"{run.name}: {DEPTH_TITLE}", fontsize=10)
+    if not steps:
+        axis.text(0.5, 0.5, "no gradient-norm readings", ha="center", va="center", transform=axis.transAxes)
+        return
+    draw_profile(axis, run.curves, names, steps, "grad_norm")
+    axis.set_ylabel("activation gradient norm")
+    axis.set_xticks(range(len(names)), labels=names, rotation=45, ha="right", fontsize="x-small")
+    if axis.has_data():
+        axis.legend(fontsize="x-small", loc="best")
 
 
 def _dead_fraction_lines(lines: Axes, run: RunHealth) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,29 +38,39 @@ def profile_steps(curves: Curves, layers: Sequence[str], lines: int = 5) -> list
     return sorted(picks)
 
 
+def profile_layers(curves: Curves, layers: Sequence[str]) -> list[str]:
+    """``layers`` (forward order) that have a gradient-norm or activation-RMS reading."""
+    return [name for name in layers if any(name in curves.get(metric, {}) for metric, _label in PANELS)]
+
+
+def draw_profile(axis: Any, curves: Curves, names: Sequence[str], steps: Sequence[int], metric: str) -> None:
+    """On ``axis``: ``metric`` of each layer in ``names`` (x, in that order), one line per step, log y."""
+    per_layer = curves.get(metric, {})
+    for step in steps:
+        ys = []
+        for name in names:
+            value = dict(per_layer.get(name, ())).get(step, math.nan)
+            ys.append(value if math.isfinite(value) and value > 0 else math.nan)
+        if any(math.isfinite(y) for y in ys):
+            axis.plot(range(len(names)), ys, marker="o", label=f"step {step}")
+    if axis.has_data():
+        axis.set_yscale("log")
+    axis.grid(True, alpha=0.3)
+
+
 def profile_figure(curves: Curves, layers: Sequence[str], *, title: str = "gradient flow", lines: int = 5) -> object:
     """The two-panel matplotlib ``Figure`` (gradient norm, activation RMS per layer)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    names = [name for name in layers if any(name in curves.get(metric, {}) for metric, _label in PANELS)]
+    names = profile_layers(curves, layers)
     steps = profile_steps(curves, names, lines)
     figure = Figure(figsize=(max(6.0, 0.5 * len(names) + 3), 5.5), dpi=90)
     FigureCanvasAgg(figure)
     axes = figure.subplots(2, 1, sharex=True)
     for axis, (metric, label) in zip(axes, PANELS):
-        per_layer = curves.get(metric, {})
-        for step in steps:
-            ys = []
-            for name in names:
-                value = dict(per_layer.get(name, ())).get(step, math.nan)
-                ys.append(value if math.isfinite(value) and value > 0 else math.nan)
-            if any(math.isfinite(y) for y in ys):
-                axis.plot(range(len(names)), ys, marker="o", label=f"step {step}")
+        draw_profile(axis, curves, names, steps, metric)
         axis.set_ylabel(label)
-        if axis.has_data():
-            axis.set_yscale("log")
-        axis.grid(True, alpha=0.3)
     axes[0].set_title(f"{title}: layers in forward order (input left)")
     if axes[0].has_data():
         axes[0].legend(fontsize="small", loc="best")
