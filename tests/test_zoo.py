@@ -76,6 +76,17 @@ def test_an_output_activation_is_found_from_the_graph_and_judged_as_a_head():
     assert not [f for f in monitor.diagnose() if f.kind in ("saturated", "vanishing_gradient", "gradient_flow")]
 
 
+def test_a_gan_with_two_toggled_optimizers_gets_no_finding():
+    """Manual optimization, D then G: each optimizer's modules are read around its own step (G's weights
+    moved, though they were frozen during D's step), and G's Tanh, behind the frozen D in G's step, is a head."""
+    module, loader = zoo.gan()
+    monitor = _fit(module, loader, steps=240)
+    assert "G.3" in monitor._record.heads
+    assert min(v for _, v in monitor.curves("update_ratio")["G.0"]) > 0
+    raised = [(f.layer, f.kind, f.message) for f in monitor.diagnose() if f.severity in ("warning", "critical")]
+    assert not raised
+
+
 def test_output_heads_stop_at_every_learned_weight():
     from lightning_health.capture.heads import output_heads
 

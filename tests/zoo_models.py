@@ -237,3 +237,45 @@ def autoencoder(last: type[nn.Module]) -> tuple[Task, DataLoader]:
     if last is nn.Sigmoid:
         return Task(net, nn.functional.binary_cross_entropy, adam(3e-3)), _loader(x, x)
     return Task(net, nn.functional.mse_loss, adam(3e-3)), _loader(x, 2 * x - 1)
+
+
+class GAN(pl.LightningModule):
+    """A small GAN on digits in [-1, 1]: manual optimization, D then G each step with Lightning's
+    ``toggle_optimizer``; the generator ends in a Tanh whose background pixels sit at -1 by design."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.G = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.Tanh())
+        self.D = nn.Sequential(nn.Linear(64, 64), nn.LeakyReLU(0.2), nn.Linear(64, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        real, _ = batch
+        opt_g, opt_d = self.optimizers()  # type: ignore[misc]
+        noise = torch.randn(real.shape[0], 16)
+        bce = nn.functional.binary_cross_entropy_with_logits
+        ones, zeros = torch.ones(len(real), 1), torch.zeros(len(real), 1)
+        self.toggle_optimizer(opt_d)
+        loss_d = bce(self.D(real), ones) + bce(self.D(self.G(noise).detach()), zeros)
+        opt_d.zero_grad()
+        self.manual_backward(loss_d)
+        opt_d.step()
+        self.untoggle_optimizer(opt_d)
+        self.toggle_optimizer(opt_g)
+        loss_g = bce(self.D(self.G(noise)), ones)
+        opt_g.zero_grad()
+        self.manual_backward(loss_g)
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+
+    def configure_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+        betas = (0.5, 0.999)
+        adam_g = torch.optim.Adam(self.G.parameters(), 2e-4, betas=betas)
+        return adam_g, torch.optim.Adam(self.D.parameters(), 2e-4, betas=betas)
+
+
+def gan() -> tuple[GAN, DataLoader]:
+    torch.manual_seed(0)
+    x, y = digits()
+    x = 2 * (x - x.min()) / (x.max() - x.min()) - 1
+    return GAN(), _loader(x, y)

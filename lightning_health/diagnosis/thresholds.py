@@ -28,6 +28,12 @@ class Thresholds:
         collapse_unit_ratio: a unit is constant when its std across the batch is <= this times the layer's RMS.
         collapse_std: the fallback collapse rule on the pooled ``act_std`` (used only where no
             ``collapsed_fraction`` was read, e.g. event files of older runs); ``None`` turns it off.
+        stalled_update_ratio: ``stalled`` when a module's largest update ratio over the window is below this...
+        stalled_ratio: ... and below this fraction of the other modules' (the median of their window maxima).
+        unstable_update_ratio: ``unstable`` when a module's smallest update ratio over the window is above this
+            (a module grown from all zeros: only from ``1 / unstable_update_ratio**2`` steps on).
+        flow_gain: ``gradient_flow`` when a stretch's gradient gain leaves ``[1/flow_gain, flow_gain]`` and
+            a vanishing/exploding gradient starts there or the gain moved ``flow_gain``x from its early-run gain.
 
     Example:
         >>> Thresholds(dead_warning=0.1).dead_critical
