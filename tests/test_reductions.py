@@ -11,6 +11,14 @@ import torch
 from lightning_health.readings import reductions as R
 
 
+@pytest.fixture(autouse=True, params=["host-bounds", "device"])
+def reduction_path(request, monkeypatch):
+    """Every test runs both paths: bounds read on the host (CPU tensors) and the branch-free device one."""
+    if request.param == "device":
+        monkeypatch.setattr(R, "reads_bounds", lambda x: False)
+    return request.param
+
+
 def _np_ref(x: np.ndarray) -> dict[str, float]:
     return {
         "count": x.size,
