@@ -328,7 +328,7 @@ class Capture:
             count = unit_counts(y, dim) if self.shards.counts_units(index) else 0
             buf.abs_counts[slot] = (buf.abs_counts[slot] if same else 0) + count
         if self.track_moments:
-            moments, prev_moments = unit_moments(y, dim), buf.moments.get(slot)
+            moments, prev_moments = unit_moments(y, dim, scratch=self.scratch.get(y)), buf.moments.get(slot)
             same = prev_moments is not None and prev_moments.shape == moments.shape
             buf.moments[slot] = prev_moments + moments if same else moments  # type: ignore[operator]
             buf.moment_counts[slot] = (buf.moment_counts[slot] if same else 0) + unit_counts(y, dim)
