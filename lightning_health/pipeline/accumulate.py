@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from lightning_health.capture.hooks import Capture, StepBuffers
-from lightning_health.pipeline.batched import CollapseCounts, SegmentSums
+from lightning_health.pipeline.batched import CollapseCounts, DormantCounts, SegmentSums
 from lightning_health.pipeline.packing import LayerPlan, Packed, pack_layer, reported_flags, zeros
 from lightning_health.pipeline.sync import agree_layout, sync_vector, world_size
 from lightning_health.pipeline.unpack import LayerReading, to_readings
@@ -71,8 +71,9 @@ class Accumulator:
         self.collapse_ratio = collapse_ratio  # per-unit std vs layer RMS; None: no per-unit moments
         capture.track_moments = collapse_ratio is not None
         self._index_cache: tuple[tuple[object, ...], Tensor, Tensor] | None = None
-        self._dead_sums, self._dormant_sums, self._alive_sums = SegmentSums(), SegmentSums(), SegmentSums()
+        self._dead_sums, self._alive_sums, self._dormant = SegmentSums(), SegmentSums(), DormantCounts()
         self._collapse = CollapseCounts()
+        self._pinned: dict[str, Tensor] = {}  # CUDA: the reused pinned host buffer of the step's one copy
         self.agreed: dict[tuple[int, int], int] = {}  # DDP: the (layer, slot) -> units every rank packs
 
     def device(self) -> torch.device:
@@ -180,7 +181,7 @@ class Accumulator:
         tail = [synced, *counts]
         if extra is not None:
             tail.append(extra.to(device=device, dtype=torch.float64))
-        host = _to_host(torch.cat(tail))  # the one device-to-host transfer of the step
+        host = _to_host(torch.cat(tail), self._pinned)  # the one device-to-host transfer of the step
         collapse = self.collapse_ratio is not None
         readings, cursor = to_readings(host, plan, synced.numel(), sizes, collapse)
         shared = host[shared_at : synced.numel() - (1 if distributed else 0)]  # not the layout flag
@@ -203,7 +204,7 @@ class Accumulator:
     ) -> tuple[list[Tensor], tuple[int, int, int]]:
         """Push the synced masks and sums into the windows; the count blocks (device) and their sizes."""
         dead: list[Tensor] = []
-        dormant: list[Tensor] = []
+        dormant: list[tuple[Tensor, Tensor]] = []
         fired_all: list[Tensor] = []
         for index, entry in enumerate(plan):
             fired_now: list[Tensor] = []
@@ -223,8 +224,8 @@ class Accumulator:
                     at = entry.abs_slots[slot]
                     if reported:
                         awin.push(synced[at : at + width], synced[at + width])
-                    if awin.sums is not None:
-                        dormant.append(awin.dormant(self.tau))
+                    if awin.sums is not None and awin.counts is not None:
+                        dormant.append((awin.sums, awin.counts))
                         entry.dormant.append(awin.full)
             entry.alive_slots = len(fired_now)
             fired_all += fired_now
@@ -233,7 +234,7 @@ class Accumulator:
         device = synced.device
         blocks = [
             self._dead_sums(dead, device),
-            self._dormant_sums(dormant, device),
+            self._dormant(dormant, self.tau if self.tau is not None else 0.0, device),
             self._alive_sums(fired_all, device),
         ]
         if self.collapse_ratio is not None:
@@ -374,16 +375,19 @@ def _moment_spans(entry: LayerPlan) -> list[tuple[int, int, int]]:
     return [(slot, at, widths[slot]) for slot, at in entry.moment_slots.items()]
 
 
-def _to_host(packed: Tensor) -> list[float]:
+def _to_host(packed: Tensor, pinned: dict[str, Tensor]) -> list[float]:
     """The step's one device-to-host copy.
 
-    On CUDA it goes into pinned host memory without blocking (``non_blocking=True``), then one
-    stream sync before reading: the copy runs at full PCIe speed and nothing else waits on it.
-    Elsewhere ``tolist`` reads the tensor directly.
+    On CUDA it goes without blocking into a pinned host buffer kept across steps in ``pinned``
+    (allocating pinned memory per step would cost more than the copy), then one sync of the
+    current stream before reading. Elsewhere ``tolist`` reads the tensor directly.
     """
-    if packed.is_cuda:
-        pinned = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-        pinned.copy_(packed, non_blocking=True)
-        torch.cuda.current_stream(packed.device).synchronize()
-        return pinned.tolist()
-    return packed.tolist()
+    if not packed.is_cuda:
+        return packed.tolist()
+    buf = pinned.get("buf")
+    if buf is None or buf.numel() < packed.numel() or buf.dtype != packed.dtype:
+        buf = pinned["buf"] = torch.empty(packed.numel(), dtype=packed.dtype, pin_memory=True)
+    out = buf[: packed.numel()]
+    out.copy_(packed.reshape(-1), non_blocking=True)
+    torch.cuda.current_stream(packed.device).synchronize()
+    return out.tolist()

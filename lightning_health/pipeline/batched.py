@@ -92,3 +92,36 @@ class CollapseCounts:
         rows = torch.stack([per_slot * measured, measured * idx["widths"]], dim=1)
         out = torch.zeros(len(spans), 2, dtype=_WIDE, device=synced.device)
         return out.index_add_(0, idx["slot_layer"], rows)
+
+
+class DormantCounts:
+    """How many units of each dormancy window are tau-dormant, for all windows at once.
+
+    The same numbers as ``dormant_mask(window.sums.sum(0), window.counts.sum(), tau).sum()`` per
+    window (:func:`lightning_health.readings.dormancy.dormant_scores` has the rules: a unit with a
+    non-finite mean scores NaN and is left out of its layer's average; a silent layer scores 0).
+    """
+
+    def __init__(self) -> None:
+        self._index: tuple[tuple[int, ...], Tensor] | None = None
+
+    def __call__(self, windows: list[tuple[Tensor, Tensor]], tau: float, device: torch.device) -> Tensor:
+        """``windows``: per window, its ``(size, units)`` sums and ``(size,)`` counts; a float64 count per window."""
+        if not windows:
+            return torch.zeros(0, dtype=_WIDE, device=device)
+        key = tuple(sums.shape[1] for sums, _counts in windows)
+        if self._index is None or self._index[0] != key or self._index[1].device != device:
+            owners = [i for i, n in enumerate(key) for _ in range(n)]
+            self._index = (key, torch.tensor(owners, dtype=torch.long, device=device))
+        unit_slot = self._index[1]
+        sums = torch.cat([s for s, _c in windows], dim=1).sum(dim=0).to(_WIDE)
+        counts = torch.stack([c for _s, c in windows]).sum(dim=1).to(_WIDE)
+        means = sums / counts[unit_slot]
+        finite = torch.isfinite(means)
+        safe = torch.where(finite, means, torch.zeros_like(means))
+        n_finite = torch.zeros(len(key), dtype=_WIDE, device=device).index_add_(0, unit_slot, finite.to(_WIDE))
+        total = torch.zeros(len(key), dtype=_WIDE, device=device).index_add_(0, unit_slot, safe)
+        layer_mean = (total / n_finite.clamp(min=1))[unit_slot]
+        scores = torch.where(layer_mean > 0, means / layer_mean, torch.zeros_like(means))
+        dormant = (finite & (scores <= tau)).to(_WIDE)  # a NaN score is never dormant
+        return torch.zeros(len(key), dtype=_WIDE, device=device).index_add_(0, unit_slot, dormant)
