@@ -109,11 +109,18 @@ def beyond(x: Tensor, thresholds: tuple[float, float] | None, lo: float, hi: flo
     return total
 
 
-def activation_floats(x: Tensor, thresholds: tuple[float, float] | None, buf: Tensor) -> list[float]:
-    """``[count, sum, sum_sq, min, max, zeros, saturated, nonfinite]`` of flat, non-empty ``x`` (one chunk)."""
+def activation_floats(
+    x: Tensor, thresholds: tuple[float, float] | None, buf: Tensor, with_moments: bool = True
+) -> list[float]:
+    """``[count, sum, sum_sq, min, max, zeros, saturated, nonfinite]`` of flat, non-empty ``x`` (one chunk).
+
+    ``with_moments=False``: the caller has the moments (see :func:`take_moments`); they are left
+    NaN here unless ``x`` holds NaN/Inf, where they are computed (the caller's are not used then).
+    """
     lo_t, hi_t = torch.aminmax(x)
     lo, hi = lo_t.item(), hi_t.item()
-    total, total_sq = moments(x, lo, hi, buf)
+    finite = math.isfinite(lo) and math.isfinite(hi)
+    total, total_sq = moments(x, lo, hi, buf) if with_moments or not finite else (math.nan, math.nan)
     return [
         float(x.numel()),
         total,
@@ -124,6 +131,14 @@ def activation_floats(x: Tensor, thresholds: tuple[float, float] | None, buf: Te
         beyond(x, thresholds, lo, hi, buf),
         nonfinite(x, lo, hi, buf),
     ]
+
+
+def take_moments(totals: list[float], given: Tensor, fields: tuple[int, int, int, int]) -> None:
+    """Put the caller's ``[sum, sum of squares]`` into ``totals`` (fields: sum, sum_sq, min, max)
+    when the bounds are finite, i.e. when :func:`activation_floats` left them out."""
+    total, total_sq, lo, hi = fields
+    if math.isfinite(totals[lo]) and math.isfinite(totals[hi]):
+        totals[total], totals[total_sq] = given.tolist()
 
 
 def gradient_floats(x: Tensor, buf: Tensor) -> list[float]:

@@ -120,6 +120,7 @@ def activation_totals(
     scratch: Tensor | None = None,
     *,
     thresholds: tuple[float, float] | None = None,
+    moments: Tensor | None = None,
 ) -> Tensor:
     """Raw totals of one activation tensor, as a float64 vector on ``y``'s device.
 
@@ -137,6 +138,9 @@ def activation_totals(
         scratch: an optional float32 buffer of at least ``min(y.numel(), CHUNK)`` elements to
             reuse for the temporary (see :class:`Scratch`); its contents are overwritten. Tensors
             larger than :data:`CHUNK` are reduced chunk by chunk.
+        moments: ``[sum, sum of squares]`` of ``y`` in float64 when the caller already has them
+            (the hooks sum per-unit moments, :func:`lightning_health.readings.collapse.unit_moments`):
+            on the host-bounds path they replace the two moment passes while ``y`` is finite.
 
     Returns:
         ``[count, sum, sum_sq, min, max, zeros, saturated, nonfinite]``. Moments include every
@@ -155,8 +159,11 @@ def activation_totals(
             band = margin * (bounds[1] - bounds[0])
             thresholds = (bounds[0] + band, bounds[1] - band)
         buf = _buffer(x[:CHUNK], scratch)
-        floats = [fused.activation_floats(p, thresholds, buf[: p.numel()]) for p in x.split(CHUNK)]
+        own = moments is None
+        floats = [fused.activation_floats(p, thresholds, buf[: p.numel()], own) for p in x.split(CHUNK)]
         whole = floats[0] if len(floats) == 1 else fused.combine(floats, mins=(A_MIN,), maxes=(A_MAX,))
+        if moments is not None:
+            fused.take_moments(whole, moments, (A_SUM, A_SUMSQ, A_MIN, A_MAX))
         return fused.to_device(whole, x.device)
     if x.numel() > CHUNK:
         parts = (activation_totals(p, bounds, margin, scratch, thresholds=thresholds) for p in x.split(CHUNK))
