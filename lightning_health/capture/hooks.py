@@ -323,21 +323,28 @@ class Capture:
             buf.act_hist = hist if buf.act_hist is None else buf.act_hist + hist
 
     def _unit_readings(self, index: int, slot: int, y: Tensor, dim: int) -> Tensor | None:
-        """Accumulate the per-unit sums (``|y|`` for dormancy, moments for collapse); this call's moments."""
+        """Accumulate the per-unit sums (moments for collapse, ``|y|`` for dormancy); this call's moments.
+
+        An activation whose output is never negative (its probed range starts at 0 or above: ReLU,
+        sigmoid, softplus) has ``|y| = y``: its ``|y|`` sums are the moments' sums, not another pass.
+        """
         buf = self.buffers[index]
+        moments = None
+        if self.track_moments:
+            moments, prev_moments = unit_moments(y, dim, scratch=self.scratch.get(y)), buf.moments.get(slot)
+            same = prev_moments is not None and prev_moments.shape == moments.shape
+            buf.moments[slot] = prev_moments + moments if same else moments  # type: ignore[operator]
+            buf.moment_counts[slot] = (buf.moment_counts[slot] if same else 0) + unit_counts(y, dim)
         if self.track_abs:
-            sums = self.shards.place(index, unit_abs_sums(y, dim, scratch=self.scratch.get(y)))
+            if moments is not None and self.layers[index].profile.range[0] >= 0:
+                sums = self.shards.place(index, moments[: moments.numel() // 2])
+            else:
+                sums = self.shards.place(index, unit_abs_sums(y, dim, scratch=self.scratch.get(y)))
             prev_sums = buf.abs_sums.get(slot)
             same = prev_sums is not None and prev_sums.shape == sums.shape
             buf.abs_sums[slot] = prev_sums + sums if same else sums  # type: ignore[operator]
             count = unit_counts(y, dim) if self.shards.counts_units(index) else 0
             buf.abs_counts[slot] = (buf.abs_counts[slot] if same else 0) + count
-        if not self.track_moments:
-            return None
-        moments, prev_moments = unit_moments(y, dim, scratch=self.scratch.get(y)), buf.moments.get(slot)
-        same = prev_moments is not None and prev_moments.shape == moments.shape
-        buf.moments[slot] = prev_moments + moments if same else moments  # type: ignore[operator]
-        buf.moment_counts[slot] = (buf.moment_counts[slot] if same else 0) + unit_counts(y, dim)
         return moments
 
     def _nested(self, index: int, y: Tensor) -> Tensor | None:
