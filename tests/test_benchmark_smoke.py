@@ -48,3 +48,12 @@ def test_quick_run_writes_a_row_for_every_variant(tmp_path: Path) -> None:
     assert "| date |" in report and "| machine |" in report
     assert "python -m benchmarks.run --quick --workloads mlp" in report
     assert "Reductions against one read" in report
+
+
+def test_per_layer_benchmark_reports_a_row_per_depth_and_a_fit() -> None:
+    from benchmarks.per_layer import fit_line
+    from benchmarks.per_layer import run as per_layer
+
+    assert fit_line([10, 30, 100], [3.0, 7.0, 21.0]) == pytest.approx((1.0, 0.2))
+    table = per_layer([2, 3], steps=2, repeats=1)
+    assert "| 2 |" in table and "| 3 |" in table and "ms x layers" in table
