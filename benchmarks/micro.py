@@ -6,8 +6,9 @@ tensors only, with 2 threads:
 
 * **one read**: a single ``sum`` over every activation and every gradient, stacked and moved to the
   host once. No reduction can read its input in less time: this is the physical limit.
-* **reductions**: exactly the per-layer work HealthMonitor's hooks do on a sampled step (see
-  ``lightning_health/capture.py``): per activation ``unit_fire_mask`` + ``activation_totals`` +
+* **reductions**: exactly the per-layer work HealthMonitor's hooks do on a sampled step by
+  default (see ``lightning_health/capture/hooks.py``): per activation ``unit_fire_mask``, the
+  per-unit ``|a|`` sums and moments, ``activation_totals`` (reusing the moments) and
   ``histogram_counts(histogram_sample(...))``, per gradient ``gradient_totals`` + histogram, then
   everything stacked and moved to the host once.
 
@@ -89,23 +90,37 @@ def one_read(c: Captured) -> list[float]:
 
 
 def _parts(c: Captured, bins: int = 64, samples: int = 8192) -> dict[str, Callable[[], list[Tensor]]]:
+    """The hooks' per-layer work, part by part, as ``lightning_health/capture/hooks.py`` does it by default:
+    the reused scratch buffer, histogram boundaries made once, per-unit ``|a|`` sums (dormancy) and
+    moments (collapse), whose totals the activation totals reuse."""
     from lightning_health.readings import reductions as R
+    from lightning_health.readings.collapse import unit_moments
+    from lightning_health.readings.dormancy import unit_abs_sums
 
+    scratch = R.Scratch()
     act_edges = R.symlog_edges(bins, 1e-4, 1e4)
     grad_edges = R.symlog_edges(bins, 1e-9, 1e3)
+    act_bounds, grad_bounds = R.bucket_boundaries(act_edges), R.bucket_boundaries(grad_edges)
+    pairs = list(zip(c.activations, c.neuron_dims, c.bounds, strict=True))
+
+    def activation_totals() -> list[Tensor]:
+        out = []
+        for y, d, b in pairs:
+            moments = unit_moments(y, d, scratch=scratch.get(y))
+            sums = moments.view(2, -1).sum(dim=1)
+            out += [unit_abs_sums(y, d, scratch=scratch.get(y)), moments]
+            out.append(R.activation_totals(y, b, 0.01, scratch.get(y), moments=sums))
+        return out
+
     return {
-        "fire mask": lambda: [
-            R.unit_fire_mask(y, d).to(torch.float64) for y, d in zip(c.activations, c.neuron_dims, strict=True)
-        ],
-        "activation totals": lambda: [
-            R.activation_totals(y, b, 0.01) for y, b in zip(c.activations, c.bounds, strict=True)
-        ],
+        "fire mask": lambda: [R.unit_fire_mask(y, d).to(torch.float64) for y, d, _b in pairs],
+        "activation totals + per-unit sums": activation_totals,
         "activation histogram": lambda: [
-            R.histogram_counts(R.histogram_sample(y, samples), act_edges) for y in c.activations
+            R.histogram_counts(R.histogram_sample(y, samples), act_edges, act_bounds) for y in c.activations
         ],
-        "gradient totals": lambda: [R.gradient_totals(g) for g in c.gradients],
+        "gradient totals": lambda: [R.gradient_totals(g, scratch.get(g)) for g in c.gradients],
         "gradient histogram": lambda: [
-            R.histogram_counts(R.histogram_sample(g, samples), grad_edges) for g in c.gradients
+            R.histogram_counts(R.histogram_sample(g, samples), grad_edges, grad_bounds) for g in c.gradients
         ],
     }
 

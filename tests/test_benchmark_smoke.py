@@ -67,3 +67,12 @@ def test_update_ratio_cost_variants_differ_only_in_the_update_readings() -> None
         "health@1": 1,
         "health@1-noupdate": 1,
     }
+
+
+def test_per_layer_benchmark_reports_a_row_per_depth_and_a_fit() -> None:
+    from benchmarks.per_layer import fit_line
+    from benchmarks.per_layer import run as per_layer
+
+    assert fit_line([10, 30, 100], [3.0, 7.0, 21.0]) == pytest.approx((1.0, 0.2))
+    table = per_layer([2, 3], steps=2, repeats=1)
+    assert "| 2 |" in table and "| 3 |" in table and "ms x layers" in table

@@ -11,6 +11,14 @@ import torch
 from lightning_health.readings import reductions as R
 
 
+@pytest.fixture(autouse=True, params=["host-bounds", "device"])
+def reduction_path(request, monkeypatch):
+    """Every test runs both paths: bounds read on the host (CPU tensors) and the branch-free device one."""
+    if request.param == "device":
+        monkeypatch.setattr(R, "reads_bounds", lambda x: False)
+    return request.param
+
+
 def _np_ref(x: np.ndarray) -> dict[str, float]:
     return {
         "count": x.size,
@@ -205,3 +213,15 @@ def test_symlog_edges_are_fixed_and_symmetric():
     torch.testing.assert_close(e, -e.flip(0))
     with pytest.raises(ValueError, match="histogram_bins"):
         R.symlog_edges(7, 1e-2, 1.0)
+
+
+def test_given_moments_replace_the_moment_passes_only_while_values_are_finite():
+    from lightning_health.readings.collapse import unit_moments
+
+    g = torch.Generator().manual_seed(7)
+    y = torch.randn(40, 9, generator=g).relu()
+    given = unit_moments(y).view(2, -1).sum(dim=1)
+    torch.testing.assert_close(R.activation_totals(y, moments=given), R.activation_totals(y), rtol=1e-6, atol=1e-9)
+    y[3, 4] = float("nan")
+    with_nan = R.activation_totals(y, moments=torch.tensor([1.0, 2.0], dtype=torch.float64)).tolist()
+    assert math.isnan(with_nan[R.A_SUM]) and with_nan[R.A_NONFINITE] == 1  # the caller's numbers are not used

@@ -320,23 +320,37 @@ class Capture:
         if self.mode is Mode.VAL:
             return
         self.forward_order.setdefault(index)  # a dict: O(1) on the hook path, keeps first-call order
-        totals = self._activation_totals(index, y)
+        moments = self._unit_readings(index, slot, y, dim)
+        totals = self._activation_totals(index, y, moments)
         buf.act = totals if buf.act is None else R.combine_activation_totals(buf.act, totals)
         if self.act_edges is not None:
             hist = R.histogram_counts(R.histogram_sample(y, self._samples), *self._edges_on(layer.name, y.device))
             buf.act_hist = hist if buf.act_hist is None else buf.act_hist + hist
+
+    def _unit_readings(self, index: int, slot: int, y: Tensor, dim: int) -> Tensor | None:
+        """Accumulate the per-unit sums (moments for collapse, ``|y|`` for dormancy); this call's moments.
+
+        An activation whose output is never negative (its probed range starts at 0 or above: ReLU,
+        sigmoid, softplus) has ``|y| = y``: its ``|y|`` sums are the moments' sums, not another pass.
+        """
+        buf = self.buffers[index]
+        moments = None
+        if self.track_moments:
+            moments, prev_moments = unit_moments(y, dim, scratch=self.scratch.get(y)), buf.moments.get(slot)
+            same = prev_moments is not None and prev_moments.shape == moments.shape
+            buf.moments[slot] = prev_moments + moments if same else moments  # type: ignore[operator]
+            buf.moment_counts[slot] = (buf.moment_counts[slot] if same else 0) + unit_counts(y, dim)
         if self.track_abs:
-            sums = self.shards.place(index, unit_abs_sums(y, dim, scratch=self.scratch.get(y)))
+            if moments is not None and self.layers[index].profile.range[0] >= 0:
+                sums = self.shards.place(index, moments[: moments.numel() // 2])
+            else:
+                sums = self.shards.place(index, unit_abs_sums(y, dim, scratch=self.scratch.get(y)))
             prev_sums = buf.abs_sums.get(slot)
             same = prev_sums is not None and prev_sums.shape == sums.shape
             buf.abs_sums[slot] = prev_sums + sums if same else sums  # type: ignore[operator]
             count = unit_counts(y, dim) if self.shards.counts_units(index) else 0
             buf.abs_counts[slot] = (buf.abs_counts[slot] if same else 0) + count
-        if self.track_moments:
-            moments, prev_moments = unit_moments(y, dim), buf.moments.get(slot)
-            same = prev_moments is not None and prev_moments.shape == moments.shape
-            buf.moments[slot] = prev_moments + moments if same else moments  # type: ignore[operator]
-            buf.moment_counts[slot] = (buf.moment_counts[slot] if same else 0) + unit_counts(y, dim)
+        return moments
 
     def _nested(self, index: int, y: Tensor) -> Tensor | None:
         """A nested output's values (see :func:`dense_values`), gradients included; ``None``: skip this call."""
@@ -360,10 +374,12 @@ class Capture:
             cached = self._device_edges[key] = (edges, R.bucket_boundaries(edges))
         return cached
 
-    def _activation_totals(self, index: int, y: Tensor) -> Tensor:
+    def _activation_totals(self, index: int, y: Tensor, moments: Tensor | None = None) -> Tensor:
+        """``moments``: this call's per-unit moments, whose totals spare the eager path its two moment passes."""
         thresholds = self.layers[index].profile.saturation_thresholds(self._margin)
         if not self._compiled:
-            return R.activation_totals(y, scratch=self.scratch.get(y), thresholds=thresholds)
+            sums = None if moments is None else moments.view(2, -1).sum(dim=1)
+            return R.activation_totals(y, scratch=self.scratch.get(y), thresholds=thresholds, moments=sums)
         key = (index, y.device)
         if key not in self._thresholds:
             self._thresholds[key] = kernels.threshold_vector(thresholds, y.device)

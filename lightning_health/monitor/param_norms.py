@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_health.pipeline.accumulate import ParamGradNorms
+from lightning_health.pipeline.param_grads import ParamGradNorms
 
 
 class StepParamNorms:
@@ -20,7 +20,7 @@ class StepParamNorms:
 
     Args:
         groups: ``(module name, its parameters)``, as
-            :func:`~lightning_health.pipeline.accumulate.layer_param_groups`.
+            :func:`~lightning_health.pipeline.param_grads.layer_param_groups`.
     """
 
     def __init__(self, groups: Sequence[tuple[str, list[torch.nn.Parameter]]]) -> None:

@@ -14,9 +14,9 @@ from typing import Any
 from lightning_health.capture.hooks import Capture
 from lightning_health.capture.selection import MonitoredLayer
 from lightning_health.diagnosis import Finding, FindingLog, GradBaseline, Thresholds, evaluate
-from lightning_health.pipeline.accumulate import LayerReading
 from lightning_health.pipeline.history import History
 from lightning_health.pipeline.learning import UpdateWindow, fold_learning
+from lightning_health.pipeline.unpack import LayerReading
 from lightning_health.sinks import Histogram
 
 UNIT_FRACTIONS = ("dead_fraction", "alive_fraction", "dormant_fraction", "collapsed_fraction")

@@ -23,8 +23,9 @@ from lightning_health.capture.selection import MonitoredLayer, check_names_exist
 from lightning_health.capture.transformer import TransformerCapture
 from lightning_health.monitor.param_norms import StepParamNorms
 from lightning_health.pipeline import transformer_step
-from lightning_health.pipeline.accumulate import Accumulator, LayerReading, layer_param_groups
+from lightning_health.pipeline.accumulate import Accumulator, LayerReading
 from lightning_health.pipeline.learning import UpdateTracker
+from lightning_health.pipeline.param_grads import layer_param_groups
 from lightning_health.readings import reductions as R
 from lightning_health.sinks import SinkSet, sinks_for
 

@@ -1,4 +1,12 @@
-"""From per-layer device buffers to host numbers: pack, sync across ranks once, window, transfer once.
+"""The step-end pipeline: pack every layer's buffers, sync across ranks once, window, transfer once.
+
+This module owns :class:`Accumulator` (the per-layer state across sampled steps, the DDP layout
+agreement and the order of the steps); the pieces live next to it: the packed layout in
+:mod:`~lightning_health.pipeline.packing`, the evidence windows in
+:mod:`~lightning_health.pipeline.windows`, the per-layer counts for all layers at once in
+:mod:`~lightning_health.pipeline.batched`, the host list turned into readings in
+:mod:`~lightning_health.pipeline.unpack`, parameter gradient norms in
+:mod:`~lightning_health.pipeline.param_grads`.
 
 A sampled step ends here. Every layer's raw totals, histogram counts and per-unit fire masks are
 packed into one float64 vector, reduced across ranks by :mod:`lightning_health.pipeline.sync` (one
@@ -28,155 +36,20 @@ costs exactly the two all-reduces of the sync, plus a one-element host read of t
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from lightning_health.capture.hooks import Capture, StepBuffers
-from lightning_health.capture.sharding import local_tensor
-from lightning_health.pipeline.sync import (
-    agree_layout,
-    full_where_partial,
-    replica_weight,
-    sum_across_ranks,
-    sync_vector,
-    world_size,
-)
-from lightning_health.readings import reductions as R
-from lightning_health.readings.collapse import collapsed_units
-from lightning_health.readings.dormancy import dormant_mask, update_last_fired
+from lightning_health.pipeline.batched import CollapseCounts, DormantCounts, SegmentSums
+from lightning_health.pipeline.packing import LayerPlan, Packed, pack_layer, reported_flags, zeros
+from lightning_health.pipeline.sync import agree_layout, sync_vector, world_size
+from lightning_health.pipeline.unpack import LayerReading, to_readings
+from lightning_health.pipeline.windows import AbsWindow, UnitWindow
+from lightning_health.readings.dormancy import update_last_fired
 
-
-@dataclasses.dataclass
-class LayerReading:
-    """One layer's numbers at one sampled step, on the host."""
-
-    metrics: dict[str, float]
-    act_hist: list[float] | None = None
-    grad_hist: list[float] | None = None
-    dead_units: int | None = None  # None until the window holds enough evidence
-    units: int = 0
-    dormant_units: int | None = None  # tau-dormant over the window; None until full, or untracked
-    alive_fraction: float | None = None  # share of units that fired on this sampled step (any rank)
-    collapsed_fraction: float | None = None  # share of units constant across this step's batch (collapse.py)
-
-
-class _Ring:
-    """Where the next row of a ``size``-row ring goes, and how many rows hold evidence."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.filled = 0
-        self.pos = 0
-
-    @property
-    def full(self) -> bool:
-        return self.filled >= self.size
-
-    def _advance(self) -> None:
-        self.pos = (self.pos + 1) % self.size
-        self.filled = min(self.filled + 1, self.size)
-
-    def _load_position(self, state: dict[str, object]) -> None:
-        self.filled = int(state.get("filled", 0))  # type: ignore[call-overload]
-        self.pos = int(state.get("pos", 0))  # type: ignore[call-overload]
-
-
-class UnitWindow(_Ring):
-    """The last ``size`` fire masks of one layer call slot, as a ring on the device."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
-        self.ring: Tensor | None = None
-
-    def push(self, fired: Tensor) -> None:
-        if self.ring is None or self.ring.shape[1] != fired.numel() or self.ring.device != fired.device:
-            self.ring = torch.zeros(self.size, fired.numel(), dtype=torch.bool, device=fired.device)
-            self.filled = self.pos = 0
-        self.ring[self.pos] = fired
-        self._advance()
-
-    def dead(self) -> Tensor:
-        """Per-unit bool: never fired in the window."""
-        assert self.ring is not None
-        return ~self.ring.any(dim=0)
-
-    def state_dict(self) -> dict[str, object]:
-        return {"ring": None if self.ring is None else self.ring.cpu(), "filled": self.filled, "pos": self.pos}
-
-    def load_state_dict(self, state: dict[str, object], device: torch.device) -> None:
-        ring = state.get("ring")
-        self.ring = ring.to(device) if isinstance(ring, Tensor) else None
-        if self.ring is not None and self.ring.shape[0] != self.size:  # window size changed: start afresh
-            self.ring, self.filled, self.pos = None, 0, 0
-            return
-        self._load_position(state)
-
-
-class AbsWindow(_Ring):
-    """The last ``size`` per-unit ``|activation|`` sums of one layer call slot and their counts."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
-        self.sums: Tensor | None = None
-        self.counts: Tensor | None = None
-
-    def push(self, sums: Tensor, count: Tensor) -> None:
-        if self.sums is None or self.sums.shape[1] != sums.numel() or self.sums.device != sums.device:
-            self.sums = torch.zeros(self.size, sums.numel(), dtype=torch.float64, device=sums.device)
-            self.counts = torch.zeros(self.size, dtype=torch.float64, device=sums.device)
-            self.filled = self.pos = 0
-        assert self.counts is not None
-        self.sums[self.pos] = sums
-        self.counts[self.pos] = count.reshape(())
-        self._advance()
-
-    def dormant(self, tau: float) -> Tensor:
-        """Per-unit bool: tau-dormant over the window (see :func:`lightning_health.readings.dormancy.dormant_mask`)."""
-        assert self.sums is not None and self.counts is not None
-        return dormant_mask(self.sums.sum(dim=0), self.counts.sum(), tau)
-
-    def state_dict(self) -> dict[str, object]:
-        return {
-            "sums": None if self.sums is None else self.sums.cpu(),
-            "counts": None if self.counts is None else self.counts.cpu(),
-            "filled": self.filled,
-            "pos": self.pos,
-        }
-
-    def load_state_dict(self, state: dict[str, object], device: torch.device) -> None:
-        sums, counts = state.get("sums"), state.get("counts")
-        if not isinstance(sums, Tensor) or not isinstance(counts, Tensor) or sums.shape[0] != self.size:
-            self.sums, self.counts, self.filled, self.pos = None, None, 0, 0
-            return
-        self.sums, self.counts = sums.to(device), counts.to(device)
-        self._load_position(state)
-
-
-@dataclasses.dataclass
-class _LayerPlan:
-    """Where one layer's numbers sit in the packed vector."""
-
-    base: int
-    act_hist: tuple[int, int] | None = None
-    grad_hist: tuple[int, int] | None = None
-    slots: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # (slot, offset, width)
-    windows: list[tuple[int, bool]] = dataclasses.field(default_factory=list)  # (width, window full)
-    abs_slots: dict[int, int] = dataclasses.field(default_factory=dict)  # slot -> offset of sums (+ count)
-    dormant: list[bool] = dataclasses.field(default_factory=list)  # per pushed AbsWindow: full
-    alive_width: int = 0  # units of the slots that reported this step
-    moment_slots: dict[int, int] = dataclasses.field(default_factory=dict)  # slot -> offset of moments (+ count)
-
-
-def _zeros(n: int, device: torch.device) -> Tensor:
-    return torch.zeros(n, dtype=torch.float64, device=device)
-
-
-def _slice(host: list[float], span: tuple[int, int] | None) -> list[float] | None:
-    return None if span is None else host[span[0] : span[0] + span[1]]
-
+__all__ = ["Accumulator", "LayerReading"]
 
 _NO_INDEX = torch.zeros(0, dtype=torch.long)
 
@@ -198,6 +71,9 @@ class Accumulator:
         self.collapse_ratio = collapse_ratio  # per-unit std vs layer RMS; None: no per-unit moments
         capture.track_moments = collapse_ratio is not None
         self._index_cache: tuple[tuple[object, ...], Tensor, Tensor] | None = None
+        self._dead_sums, self._alive_sums, self._dormant = SegmentSums(), SegmentSums(), DormantCounts()
+        self._collapse = CollapseCounts()
+        self._pinned: dict[str, Tensor] = {}  # CUDA: the reused pinned host buffer of the step's one copy
         self.agreed: dict[tuple[int, int], int] = {}  # DDP: the (layer, slot) -> units every rank packs
 
     def device(self) -> torch.device:
@@ -242,11 +118,11 @@ class Accumulator:
         for slot, width in self._packed_slots(index, buf, distributed):
             mask = buf.fired.get(slot)
             if mask is None:
-                out.append((slot, width, _zeros(width, device)))
+                out.append((slot, width, zeros(width, device)))
                 continue
             vec = mask.to(device=device, dtype=torch.float64).reshape(-1)
             if vec.numel() != width:  # DDP: ranks disagreed on the width; pad/cut to the agreed one
-                vec = torch.cat([vec, _zeros(width, device)])[:width]
+                vec = torch.cat([vec, zeros(width, device)])[:width]
             out.append((slot, width, vec))
         return out
 
@@ -264,7 +140,7 @@ class Accumulator:
             parts, min_idx, max_idx = pack()
             if distributed:
                 parts.append(self._layout_flag(device))
-            packed = torch.cat(parts) if parts else _zeros(0, device)
+            packed = torch.cat(parts) if parts else zeros(0, device)
             synced = sync_vector(packed, *self._reduction_indices(min_idx, max_idx, device))
             if not distributed or synced[-1].item() == 0:  # the layout flag (DDP only)
                 return synced
@@ -288,59 +164,50 @@ class Accumulator:
         """
         device = self.device()
         distributed = world_size() > 1
-        plan: list[_LayerPlan] = []
+        plan: list[LayerPlan] = []
         shared_at = 0
 
         def pack() -> tuple[list[Tensor], list[int], list[int]]:
             nonlocal plan, shared_at
-            parts: list[Tensor] = []
-            min_idx: list[int] = []
-            max_idx: list[int] = []
-            plan = []
-            offset = 0
-            for index, buf in enumerate(self.capture.buffers):
-                entry = _LayerPlan(base=offset)
-                act = buf.act if buf.act is not None else R.empty_activation_totals(device)
-                grad = buf.grad if buf.grad is not None else R.empty_gradient_totals(device)
-                min_idx.append(offset + R.A_MIN)
-                max_idx += [offset + R.A_MAX, offset + R.ACTIVATION_WIDTH + R.G_ABSMAX]
-                parts += [act.to(device), grad.to(device)]
-                offset += R.ACTIVATION_WIDTH + R.GRADIENT_WIDTH
-                for attr, hist, length in (
-                    ("act_hist", buf.act_hist, self._act_hist_len(index)),
-                    ("grad_hist", buf.grad_hist, self._grad_hist_len()),
-                ):
-                    if length:
-                        parts.append(hist.to(device) if hist is not None else _zeros(length, device))
-                        setattr(entry, attr, (offset, length))
-                        offset += length
-                for slot, width, vec in self._pack_masks(index, buf, distributed, device):
-                    parts.append(vec)
-                    entry.slots.append((slot, offset, width))
-                    offset += width
-                    if self.tau is not None:  # per-unit |activation| sums, then their count
-                        sums, count = buf.abs_sums.get(slot), float(buf.abs_counts.get(slot, 0))
-                        ok = sums is not None and sums.numel() == width
-                        parts.append(sums.to(device) if ok else _zeros(width, device))  # type: ignore[union-attr]
-                        parts.append(torch.full((1,), count, dtype=torch.float64, device=device))  # a fill, no copy
-                        entry.abs_slots[slot] = offset
-                        offset += width + 1
-                    if self.collapse_ratio is not None:
-                        offset += _pack_moments(parts, buf, slot, width, device)
-                        entry.moment_slots[slot] = offset - 2 * width - 1
-                plan.append(entry)
-            shared_at = offset
+            plan, packed = self._pack_train(distributed, device)
+            shared_at = packed.offset
             if shared_max is not None:
-                parts.append(shared_max.to(device=device, dtype=torch.float64))
-                max_idx += range(offset, offset + shared_max.numel())
-            return parts, min_idx, max_idx
+                packed.max_idx += range(packed.offset, packed.offset + shared_max.numel())
+                packed.add(shared_max.to(device=device, dtype=torch.float64))
+            return packed.parts, packed.min_idx, packed.max_idx
 
         synced = self._sync_agreed(pack, device)
-        # Windows and dead counts on the device, from the synced (global) fire masks.
-        dead_counts: list[Tensor] = []
+        counts, sizes = self._unit_counts(synced, plan, distributed, step)
+        tail = [synced, *counts]
+        if extra is not None:
+            tail.append(extra.to(device=device, dtype=torch.float64))
+        host = _to_host(torch.cat(tail), self._pinned)  # the one device-to-host transfer of the step
+        collapse = self.collapse_ratio is not None
+        readings, cursor = to_readings(host, plan, synced.numel(), sizes, collapse)
+        shared = host[shared_at : synced.numel() - (1 if distributed else 0)]  # not the layout flag
+        return readings, (host[cursor:] if extra is not None else []), shared
+
+    def _pack_train(self, distributed: bool, device: torch.device) -> tuple[list[LayerPlan], Packed]:
+        """Every layer's totals, histograms, masks and per-unit sums, in the packed layout."""
+        packed = Packed()
+        plan = []
+        hist = self._grad_hist_len()
+        for index, buf in enumerate(self.capture.buffers):
+            masks = self._pack_masks(index, buf, distributed, device)
+            lengths = (self._act_hist_len(index), hist)
+            track = (self.tau is not None, self.collapse_ratio is not None)
+            plan.append(pack_layer(packed, buf, masks, lengths, *track, device))
+        return plan, packed
+
+    def _unit_counts(
+        self, synced: Tensor, plan: list[LayerPlan], distributed: bool, step: int | None
+    ) -> tuple[list[Tensor], tuple[int, int, int]]:
+        """Push the synced masks and sums into the windows; the count blocks (device) and their sizes."""
+        dead: list[Tensor] = []
+        dormant: list[tuple[Tensor, Tensor]] = []
+        fired_all: list[Tensor] = []
         for index, entry in enumerate(plan):
             fired_now: list[Tensor] = []
-            dormant_counts: list[Tensor] = []
             for slot, start, width in entry.slots:
                 win = self.windows.setdefault((index, slot), UnitWindow(self.window))
                 reported = distributed or self.capture.buffers[index].fired.get(slot) is not None
@@ -350,70 +217,31 @@ class Accumulator:
                     fired_now.append(fired)
                     entry.alive_width += width
                 if win.ring is not None:
-                    dead_counts.append(win.dead().sum().to(torch.float64).reshape(1))
+                    dead.append(win.dead())
                     entry.windows.append((width, win.full))
                 if slot in entry.abs_slots and self.tau is not None:
                     awin = self.abs_windows.setdefault((index, slot), AbsWindow(self.window))
                     at = entry.abs_slots[slot]
                     if reported:
                         awin.push(synced[at : at + width], synced[at + width])
-                    if awin.sums is not None:
-                        dormant_counts.append(awin.dormant(self.tau).sum().to(torch.float64).reshape(1))
+                    if awin.sums is not None and awin.counts is not None:
+                        dormant.append((awin.sums, awin.counts))
                         entry.dormant.append(awin.full)
-            dead_counts += dormant_counts  # per layer: dead counts, then dormant counts, then alive, then collapse
+            entry.alive_slots = len(fired_now)
+            fired_all += fired_now
             if fired_now:
-                dead_counts.append(sum(f.sum() for f in fired_now).to(torch.float64).reshape(1))  # type: ignore[union-attr]
                 self._record_fired(index, fired_now, step)
-            if entry.moment_slots and self.collapse_ratio is not None:
-                dead_counts.append(_collapsed(synced, entry.moment_slots, entry.slots, self.collapse_ratio))
-        tail = [synced, *dead_counts]
-        if extra is not None:
-            tail.append(extra.to(device=device, dtype=torch.float64))
-        host = torch.cat(tail).tolist()  # the one device-to-host transfer of the step
-
-        readings = []
-        cursor = synced.numel()
-        for entry in plan:
-            act_host: list[float] = host[entry.base : entry.base + R.ACTIVATION_WIDTH]
-            grad_host: list[float] = host[
-                entry.base + R.ACTIVATION_WIDTH : entry.base + R.ACTIVATION_WIDTH + R.GRADIENT_WIDTH
-            ]
-            dead = units = 0
-            dormant: int | None = 0
-            for width, _full in entry.windows:
-                dead += int(host[cursor])
-                cursor += 1
-                units += width
-            for _full in entry.dormant:
-                dormant = (dormant or 0) + int(host[cursor])
-                cursor += 1
-            if not entry.dormant or not all(entry.dormant) or len(entry.dormant) != len(entry.windows):
-                dormant = None
-            alive = None
-            if entry.alive_width:
-                alive = host[cursor] / entry.alive_width
-                cursor += 1
-            collapsed = None
-            if entry.moment_slots and self.collapse_ratio is not None:
-                collapsed = host[cursor] / host[cursor + 1] if host[cursor + 1] > 0 else None
-                cursor += 2
-            complete = bool(entry.windows) and all(full for _w, full in entry.windows)
-            if act_host[R.A_COUNT] <= 0:  # not read on any rank this step: no unit reading (not observed, not dead)
-                complete, alive, collapsed = False, None, None
-            readings.append(
-                LayerReading(
-                    metrics={**R.derive_activation(act_host), **R.derive_gradient(grad_host)},
-                    act_hist=_slice(host, entry.act_hist) if act_host[R.A_COUNT] > 0 else None,
-                    grad_hist=_slice(host, entry.grad_hist) if grad_host[R.G_COUNT] > 0 else None,
-                    dead_units=dead if complete else None,
-                    units=units,
-                    dormant_units=dormant if complete else None,
-                    alive_fraction=alive,
-                    collapsed_fraction=collapsed,
-                )
-            )
-        shared = host[shared_at : synced.numel() - (1 if distributed else 0)]  # not the layout flag
-        return readings, (host[cursor:] if extra is not None else []), shared
+        device = synced.device
+        blocks = [
+            self._dead_sums(dead, device),
+            self._dormant(dormant, self.tau if self.tau is not None else 0.0, device),
+            self._alive_sums(fired_all, device),
+        ]
+        if self.collapse_ratio is not None:
+            spans = [[(at, width) for _slot, at, width in _moment_spans(e)] for e in plan if e.moment_slots]
+            if spans:
+                blocks.append(self._collapse(synced, spans, self.collapse_ratio).reshape(-1))
+        return blocks, (len(dead), len(dormant), len(fired_all))
 
     def _reduction_indices(self, min_idx: list[int], max_idx: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
         """Index tensors for the min/max fields, built once per layout and only when ranks are synced.
@@ -498,7 +326,7 @@ class Accumulator:
                 masks = self._pack_masks(index, buf, distributed, device)
                 parts += [vec for _slot, _width, vec in masks]
                 plan.append([width for _slot, width, _vec in masks])
-            parts.append(_reported_flags(self.capture, device))
+            parts.append(reported_flags(self.capture, device))
             return parts, [], []
 
         synced = self._sync_agreed(pack, device)
@@ -541,86 +369,25 @@ class Accumulator:
                 self.last_fired[int(key)] = steps.to(device=device, dtype=torch.int64)
 
 
-def _reported_flags(capture: Capture, device: torch.device) -> Tensor:
-    """One float64 per layer: 1 where this rank read the layer since the last reset (summed across ranks)."""
-    flags = _zeros(len(capture.buffers), device)
-    for index in capture.reported:
-        flags[index] = 1.0  # a fill on the device, no host-to-device copy
-    return flags
+def _moment_spans(entry: LayerPlan) -> list[tuple[int, int, int]]:
+    """``(slot, offset, width)`` of each slot's ``[sums, squares, count]`` block, in slot order."""
+    widths = {slot: width for slot, _offset, width in entry.slots}
+    return [(slot, at, widths[slot]) for slot, at in entry.moment_slots.items()]
 
 
-def _pack_moments(parts: list[Tensor], buf: StepBuffers, slot: int, width: int, device: torch.device) -> int:
-    """Append one slot's per-unit moments (zeros where it did not report) and their count; the length packed."""
-    moments, count = buf.moments.get(slot), float(buf.moment_counts.get(slot, 0))
-    ok = moments is not None and moments.numel() == 2 * width
-    parts.append(moments.to(device) if ok else _zeros(2 * width, device))  # type: ignore[union-attr]
-    parts.append(torch.full((1,), count if ok else 0.0, dtype=torch.float64, device=device))
-    return 2 * width + 1
+def _to_host(packed: Tensor, pinned: dict[str, Tensor]) -> list[float]:
+    """The step's one device-to-host copy.
 
-
-def _collapsed(synced: Tensor, moment_slots: dict[int, int], slots: list[tuple[int, int, int]], ratio: float) -> Tensor:
-    """``[collapsed units, units measured]`` of one layer, summed over its call slots (on the device)."""
-    widths = {slot: width for slot, _offset, width in slots}
-    total = _zeros(2, synced.device)
-    for slot, at in moment_slots.items():
-        width = widths[slot]
-        total = total + collapsed_units(synced[at : at + 2 * width], synced[at + 2 * width], ratio)
-    return total
-
-
-def layer_param_groups(modules: Sequence[tuple[str, torch.nn.Module]]) -> list[tuple[str, list[torch.nn.Parameter]]]:
-    """The modules that own parameters directly, with those parameters (for gradient norms)."""
-    groups = []
-    for name, module in modules:
-        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if params:
-            groups.append((name, params))
-    return groups
-
-
-class ParamGradNorms:
-    """L2 norm of each module's parameter gradients, in one batched pass.
-
-    One ``_foreach_norm`` over every gradient and one segment sum replace a handful of small ops per
-    module. The segment index lives on the device and is rebuilt only when the set of parameters
-    with a gradient changes (building it is a host-to-device copy).
-
-    Sharded parameters (DTensor, from FSDP2's ``fully_shard`` or tensor parallel): each rank squares
-    its local shards, weighted so that a shard held by several ranks counts once
-    (:func:`lightning_health.pipeline.sync.replica_weight`), and one sum all-reduce of the per-module
-    vector gives every rank the exact global norm. Unsharded runs issue no collective here.
+    On CUDA it goes without blocking into a pinned host buffer kept across steps in ``pinned``
+    (allocating pinned memory per step would cost more than the copy), then one sync of the
+    current stream before reading. Elsewhere ``tolist`` reads the tensor directly.
     """
-
-    def __init__(self, groups: Sequence[tuple[str, list[torch.nn.Parameter]]]) -> None:
-        self.groups = list(groups)
-        self._index: tuple[tuple[int, ...], Tensor, Tensor | None] | None = None
-        self.sharded = any(hasattr(p, "placements") for _name, params in self.groups for p in params)
-
-    def __call__(self, device: torch.device) -> Tensor:
-        """Per group, the norm of its gradients (0 where none), as a float64 device vector."""
-        grads: list[Tensor] = []
-        owners: list[int] = []
-        weights: list[float] = []
-        world = world_size()
-        for g, (_name, params) in enumerate(self.groups):
-            for p in params:
-                if p.grad is not None:
-                    grad = p.grad.detach()
-                    if self.sharded:
-                        grad = full_where_partial(grad)
-                        weights.append(replica_weight(grad, world))
-                    grads.append(local_tensor(grad).to(device))
-                    owners.append(g)
-        out = torch.zeros(len(self.groups), dtype=torch.float64, device=device)
-        if grads:
-            key = tuple(owners)
-            if self._index is None or self._index[0] != key or self._index[1].device != device:
-                scale = torch.tensor(weights, dtype=torch.float64, device=device) if self.sharded else None
-                self._index = (key, torch.tensor(owners, dtype=torch.long, device=device), scale)
-            squares = torch.stack(torch._foreach_norm(grads)).to(torch.float64).square()
-            if self._index[2] is not None:  # sharded: each piece of a gradient counted once over the world
-                squares = squares * self._index[2]
-            out.index_add_(0, self._index[1], squares)
-        if self.sharded:  # every rank runs this collective, with or without gradients
-            out = sum_across_ranks(out)
-        return out.sqrt_()
+    if not packed.is_cuda:
+        return packed.tolist()
+    buf = pinned.get("buf")
+    if buf is None or buf.numel() < packed.numel() or buf.dtype != packed.dtype:
+        buf = pinned["buf"] = torch.empty(packed.numel(), dtype=packed.dtype, pin_memory=True)
+    out = buf[: packed.numel()]
+    out.copy_(packed.reshape(-1), non_blocking=True)
+    torch.cuda.current_stream(packed.device).synchronize()
+    return out.tolist()

@@ -100,7 +100,7 @@ class UpdateTracker:
     """``param_norm`` of every module and ``update_ratio`` of the modules read this step.
 
     Args:
-        groups: ``(module name, its parameters)``, as :func:`~lightning_health.pipeline.accumulate.layer_param_groups`.
+        groups: ``(module name, its parameters)``, as :func:`~lightning_health.pipeline.param_grads.layer_param_groups`.
         max_bytes: the most bytes one snapshot may hold; ``None``: no bound (every module every
             sampled step); ``0``: no update ratio at all (``param_norm`` only).
     """
