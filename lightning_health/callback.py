@@ -16,7 +16,6 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import torch
 from typing_extensions import override
 
 from lightning_health import settings as check
@@ -30,15 +29,14 @@ from lightning_health.monitor import resume
 from lightning_health.monitor.publish import Publisher
 from lightning_health.monitor.react import HealthCriticalError, react
 from lightning_health.monitor.record import Record
-from lightning_health.monitor.rescue_step import rescue_step
 from lightning_health.monitor.runtime import Runtime, choose_layers
-from lightning_health.pipeline import transformer_step
+from lightning_health.monitor.step_end import finish_train_step
 from lightning_health.pipeline.history import History
 from lightning_health.pipeline.schedule import SamplingSchedule, StepTimer, validate_every_n_steps
 from lightning_health.rescue.policy import RescueEvent, RescueMode
 from lightning_health.rescue.runner import RescueInit, Rescuer, RescueSettings, warn_refused
 from lightning_health.sinks.console import HealthReport, print_report
-from lightning_health.sinks.status import status_scalars, status_summary
+from lightning_health.sinks.status import status_summary
 
 __all__ = ["HealthCriticalError", "HealthMonitor"]
 
@@ -376,45 +374,11 @@ class HealthMonitor(CallbackBase):
         if self._armed_step is not None:  # e.g. manual optimization that did not step
             self._finish_train_step(trainer)
 
-    def _timing(self) -> torch.Tensor | None:
-        """(sampled, plain) step seconds for the overhead budget, maxed across ranks so all pick one interval."""
-        if self.max_overhead is None or self._runtime is None:
-            return None
-        timing = torch.empty(2, dtype=torch.float64, device=self._runtime.accumulator.device())
-        timing[0], timing[1] = self._timer.sampled_seconds, self._timer.idle_seconds  # fills, no host copy
-        return timing
-
     def _finish_train_step(self, trainer: Any) -> None:
         runtime, step = self._runtime, self._armed_step
         assert runtime is not None and step is not None
         self._armed_step = None
-        host = runtime.collect(step, self._timing())
-        record, capture = self._record, runtime.capture
-        record.heads = set(runtime.heads)
-        scalars, histograms, snapshot = record.tabulate(step, host.readings, capture, runtime.host_edges)
-        if runtime.transformer is not None:
-            transformer_step.publish(
-                runtime.transformer, host.attention, step, record.history, scalars, histograms, snapshot
-            )
-        scalars.update(rescue_step(self._rescuer, record, trainer, step, self.verbose))
-        if host.timing:
-            self._schedule.after_sample(step, host.timing[0], host.timing[1])
-            record.add(step, {"sampling_interval": {"": float(self._schedule.interval)}}, scalars)
-        if host.overflow:
-            record.skip_gradients(snapshot, scalars)
-        order = [capture.layers[i].name for i in capture.forward_order]
-        names = [name for name, _params in runtime.groups]
-        grad_norms = list(zip(names, host.grad_norms))
-        record.learning(step, host.learning, grad_norms, snapshot, order, host.overflow, scalars)
-        escalated = record.diagnose(step, snapshot, order)
-        dropped, back = runtime.settle(host, rank_zero(trainer))
-        self._record.drop(dropped)
-        self._record.restore(back, capture.layers)
-        if runtime.sinks.sinks:  # the status line, from this step's readings and the live findings
-            scalars.update(status_scalars(snapshot, self.diagnose(), histograms))
-        runtime.sinks.write(step, scalars, histograms)
-        react(trainer, escalated, step, self._schedule, self.on_critical, self.verbose)
-        self._publish(runtime.sinks, record, step)
+        finish_train_step(self, trainer, runtime, step)
 
     # -- validation ----------------------------------------------------------------------------------
     @override

@@ -55,7 +55,8 @@ def output_heads(loss: Tensor, nodes: Mapping[int, Sequence[Any]], limit: int = 
     if root is None or not wanted:
         return set()
     found: set[int] = set()
-    stack, seen = [root], set()
+    stack: list[Any] = [root]
+    seen: set[int] = set()
     while stack and len(seen) < limit:
         node = stack.pop()
         if node is None or id(node) in seen:

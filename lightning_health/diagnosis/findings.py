@@ -102,15 +102,13 @@ class FindingLog:
             old = self._entries.get(key)
             onset = f.step if old is None else old.step
             if old is None or _worse(f.kind, f.severity, f.value, old):
-                peak = {
-                    "peak_severity": f.severity,
-                    "peak_value": f.value,
-                    "peak_step": step,
-                    "peak_message": f.message,
-                }
+                worst: tuple[Severity | None, float, int, str] = f.severity, f.value, step, f.message
             else:
-                peak = {k: getattr(old, k) for k in ("peak_severity", "peak_value", "peak_step", "peak_message")}
-            self._entries[key] = dataclasses.replace(f, step=onset, last_step=step, active=True, **peak)
+                worst = old.peak_severity, old.peak_value, old.peak_step, old.peak_message
+            self._entries[key] = dataclasses.replace(
+                f, step=onset, last_step=step, active=True,
+                peak_severity=worst[0], peak_value=worst[1], peak_step=worst[2], peak_message=worst[3],
+            )  # fmt: skip
             if old is None or (f.severity == "critical" and (old.severity != "critical" or not old.active)):
                 escalated.append(self._entries[key])
         for key in checked - present:

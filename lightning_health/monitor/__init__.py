@@ -8,6 +8,8 @@
 - :mod:`.record`: what outlives a fit and goes into checkpoints (curves, findings, windows), and the
   host side of a sampled step: readings -> logged values -> the diagnosis.
 - :mod:`.publish`: the dashboard pieces written every few samples (findings, heatmap, depth profile).
+- :mod:`.step_end`: the host side of a sampled step, in order (collect -> tabulate -> learn -> diagnose
+  -> write -> react).
 - :mod:`.resume`: the checkpoint key, the same in every process, and adopting state saved under an old key.
 
 This folder sits at the end of the data flow: it may import every other part of the package.

@@ -91,7 +91,7 @@ class PatientMLP(pl.LightningModule):
         loss = nn.functional.cross_entropy(self(x), y)
         self.log("train_loss", loss, prog_bar=True)
         if self.bias_pull:
-            hidden = [m for m in self.net[:-1] if isinstance(m, nn.Linear)]
+            hidden = [m for m in list(self.net)[:-1] if isinstance(m, nn.Linear)]
             loss = loss + self.bias_pull * sum(m.bias.sum() for m in hidden)
         return loss
 

@@ -111,10 +111,11 @@ def _check_arguments(
             f"Expected `dead_mask` to have shape ({units},), one entry per output unit of `layer_in` "
             f"({type(layer_in).__name__}), got {tuple(dead_mask.shape)}"
         )
-    if _inputs_of(layer_out) != units:  # type: ignore[arg-type]
+    inputs = _inputs_of(layer_out)  # type: ignore[arg-type]
+    if inputs != units:
         raise ValueError(
             f"Expected `layer_out` to read the {units} units of `layer_in` as its inputs, but "
-            f"{type(layer_out).__name__} takes {_inputs_of(layer_out)} (a Flatten or reshape in between cannot be "
+            f"{type(layer_out).__name__} takes {inputs} (a Flatten or reshape in between cannot be "
             "mapped to units)"
         )
     for i, norm in enumerate(norms):
