@@ -34,6 +34,9 @@ class Context:
     heads: frozenset[str] = frozenset()  # the model's output layers (capture/heads.py)
 
 
+GRADIENT_READINGS = ("grad_std", "grad_max", "grad_norm", "grad_nonfinite")
+"""What a step the GradScaler skipped leaves out of its diagnosis (its inf gradients are AMP at work)."""
+
 Hit = tuple[str, Severity, str, float]  # kind, severity, message, value
 Rule = Callable[[str, Mapping[str, float], Context], tuple[set[str], list[Hit]]]
 """A rule reads one layer's finite readings; it returns the kinds it checked and the hits it found."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from lightning_health.diagnosis.baseline import GradBaseline
+from lightning_health.diagnosis.context import GRADIENT_READINGS
 from lightning_health.diagnosis.findings import Finding, FindingLog
 from lightning_health.diagnosis.learning import UpdateWindow
 from lightning_health.diagnosis.rules import evaluate
@@ -12,9 +13,6 @@ from lightning_health.diagnosis.thresholds import Thresholds
 
 #: The update-ratio window when the run's ``dead_window`` is not known (``HealthMonitor``'s default).
 DEFAULT_WINDOW = 4
-#: What the live monitor leaves out of the diagnosis of a step the GradScaler skipped (they are still
-#: logged): the same as ``lightning_health.monitor.record.GRADIENT_READINGS``.
-GRADIENT_READINGS = ("grad_std", "grad_max", "grad_norm", "grad_nonfinite")
 # The readings that make a layer one of the depth profile's (a monitored layer, not a parameter group).
 _PROFILE_READINGS = ("act_rms", "grad_norm", "act_gain", "grad_gain")
 

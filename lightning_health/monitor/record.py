@@ -14,6 +14,7 @@ from typing import Any
 from lightning_health.capture.hooks import Capture
 from lightning_health.capture.selection import MonitoredLayer
 from lightning_health.diagnosis import Finding, FindingLog, GradBaseline, Thresholds, evaluate
+from lightning_health.diagnosis.context import GRADIENT_READINGS
 from lightning_health.pipeline.history import History
 from lightning_health.pipeline.learning import UpdateWindow, fold_learning
 from lightning_health.pipeline.unpack import LayerReading
@@ -21,7 +22,6 @@ from lightning_health.sinks import Histogram
 
 UNIT_FRACTIONS = ("dead_fraction", "alive_fraction", "dormant_fraction", "collapsed_fraction")
 """Per-unit shares that mean nothing for a layer with NaN/Inf outputs: logged as NaN there."""
-GRADIENT_READINGS = ("grad_std", "grad_max", "grad_norm", "grad_nonfinite")
 
 Snapshot = dict[str, dict[str, float]]
 """``{layer: {metric: value}}`` of one step: what the rules read."""
