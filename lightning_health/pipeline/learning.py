@@ -153,23 +153,22 @@ class UpdateTracker:
             self._cursor = (chosen[-1] + 1) % n
         return chosen
 
-    def _norms_of(self, groups: Sequence[int], device: torch.device) -> Tensor:
-        """``||W||`` of ``groups`` now (the global norms when sharded), in that order."""
+    def _norms_of(self, groups: Sequence[int], device: torch.device, owners: Tensor | None = None) -> Tensor:
+        """``||W||`` of ``groups`` now (the global norms when sharded), in that order; ``owners``: each
+        parameter's position in ``groups``, when the caller keeps it (else built here)."""
         params = [p for i in groups for p in self.groups[i][1]]
-        owners = torch.tensor([k for k, i in enumerate(groups) for _p in self.groups[i][1]], device=device)
+        if owners is None:
+            owners = torch.tensor([k for k, i in enumerate(groups) for _p in self.groups[i][1]], device=device)
         local = [local_tensor(p.detach()) for p in params]
         weights = self._shard_weights(params, device)
         return self._global_squares(group_squares(local, owners, len(groups), weights)).sqrt_()
 
     def _start(self, device: torch.device) -> _Step:
         """Norms of every module and the modules to read: once per sampled step, at its first optimizer."""
-        params = [p for _name, group in self.groups for p in group]
-        if self._owners is None or self._owners.device != device:
+        if self._owners is None or self._owners.device != device:  # made once: no host-to-device copy per step
             owners = [g for g, (_name, group) in enumerate(self.groups) for _p in group]
             self._owners = torch.tensor(owners, dtype=torch.long, device=device)
-        local = [local_tensor(p.detach()) for p in params]
-        weights = self._shard_weights(params, device)
-        norms = self._global_squares(group_squares(local, self._owners, len(self.groups), weights)).sqrt_()
+        norms = self._norms_of(range(len(self.groups)), device, self._owners)
         chosen = self._choose() if self.max_bytes != 0 else []
         deltas = torch.zeros(len(chosen), dtype=torch.float64, device=device)
         return _Step(chosen, norms, deltas, set(), set(), [])
