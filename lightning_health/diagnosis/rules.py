@@ -270,15 +270,13 @@ def evaluate(
             tracker.observe(readings)
     hard = None if rectifiers is None else set(rectifiers)
     ctx = Context(
-        step, thresholds, hard, set(smooth_rectifiers), output_layer, out.get("grad_std"), window,
-        baseline, out.get("grad_norm"),
+        step=step, thresholds=thresholds, rectifiers=hard, smooth_rectifiers=set(smooth_rectifiers),
+        output_layer=output_layer, reference_grad_std=out.get("grad_std"), window=window, baseline=baseline,
+        reference_grad_norm=out.get("grad_norm"), previous=previous_layers(layer_order or ()),
+        gain_baseline=gain_baseline, heads=frozenset(heads),
     )  # fmt: skip
-    if layer_order:
-        ctx = dataclasses.replace(ctx, previous=previous_layers(layer_order))
-    if heads:
-        ctx = dataclasses.replace(ctx, heads=frozenset(heads))
-    if gain_baseline is not None:
-        ctx = dataclasses.replace(ctx, gain_baseline=gain_baseline, gradient_layers=_gradient_layers(readings, ctx))
+    if gain_baseline is not None:  # gradient_flow locates where a vanishing/exploding gradient starts
+        ctx = dataclasses.replace(ctx, gradient_layers=_gradient_layers(readings, ctx))
     found: list[Finding] = []
     checked: set[tuple[str, str]] = set()
     for layer, raw in readings.items():
