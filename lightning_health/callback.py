@@ -347,6 +347,8 @@ class HealthMonitor(CallbackBase):
             self._armed_step = trainer.global_step
             self._timer.mark_sampled()
             runtime.arm(grad_scale_tensor(trainer))
+        elif self._armed_step is None:
+            runtime.updates.release()  # a plain step: the update-ratio buffers wait for no close sampled step
         if self._armed_step is not None:
             runtime.capture.new_batch()
 

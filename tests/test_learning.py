@@ -113,18 +113,42 @@ def test_the_byte_budget_rotates_the_modules_and_bounds_the_copy():
     assert UpdateTracker(groups, max_bytes=1000).too_large == ["net.2", "net.4", "net.6"]
 
 
+def test_dense_sampling_reuses_the_copy_buffers_and_a_plain_step_frees_them():
+    model = PatientMLP()
+    groups = [(n, list(m.parameters(recurse=False))) for n, m in model.named_modules() if n in MODULES]
+    tracker = UpdateTracker(groups, max_bytes=None)
+    tracker.before_step()
+    first = [t.data_ptr() for t in tracker._step.pending[0].copy]
+    tracker.after_step()
+    for p in model.parameters():  # a known move: every weight up by 0.5
+        p.data += 0.5
+    tracker.before_step()
+    assert [t.data_ptr() for t in tracker._step.pending[0].copy] == first  # no fresh allocation
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-3)
+    vector, read = tracker.after_step()
+    expect = [1e-3 * (sum(p.numel() for p in ps) ** 0.5) for _n, ps in groups]
+    weights = [torch.cat([p.detach().reshape(-1) - 1e-3 for p in ps]).double().norm().item() for _n, ps in groups]
+    ratios = vector[len(groups) :].tolist()
+    assert ratios == pytest.approx([e / w for e, w in zip(expect, weights)], rel=1e-4)
+    tracker.release()
+    assert tracker._spare == {}
+
+
 # -- against independent references in real fits ------------------------------------------------------------
-def test_plain_sgd_ratio_is_lr_times_gradient_norm_over_weight_norm():
-    spy, monitor = WeightSpy(), HealthMonitor(every_n_steps=2, verbose=False)
+@pytest.mark.parametrize("every", [2, 1])  # 1: consecutive sampled steps reuse the copy buffers
+def test_plain_sgd_ratio_is_lr_times_gradient_norm_over_weight_norm(every):
+    spy, monitor = WeightSpy(), HealthMonitor(every_n_steps=every, verbose=False)
     model = PatientMLP(lr=0.05)
     _fit(model, monitor, spy=spy)
-    for step in (0, 2, 4, 6):
+    for step in range(0, 7, every):
         for name in MODULES:
             g = torch.cat([t.double().reshape(-1) for t in spy.grads[step][name]]).norm().item()
             w = torch.cat([t.double().reshape(-1) for t in spy.before[step][name]]).norm().item()
             assert _at(monitor, "update_ratio", name, step) == pytest.approx(0.05 * g / w, rel=1e-5), (step, name)
             assert _at(monitor, "param_norm", name, step) == pytest.approx(w, rel=1e-6)
-    assert [s for s, _ in monitor.curves("update_ratio")["net.0"]] == [0, 2, 4, 6]  # sampled steps only
+    assert [s for s, _ in monitor.curves("update_ratio")["net.0"]] == list(range(0, 8, every))  # sampled steps only
 
 
 class AdamPatient(PatientMLP):

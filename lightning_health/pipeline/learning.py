@@ -113,6 +113,9 @@ class UpdateTracker:
         self._cursor = 0
         self._owners: Tensor | None = None
         self._step: _Step | None = None
+        # the last sampled step's copy buffers, by parameter id: reused while sampling densely (a CPU
+        # allocation of that size page-faults, ~7x the copy itself); dropped on the first plain step
+        self._spare: dict[int, Tensor] = {}
         self.peak_bytes = 0  # the most bytes of copies held at once so far
         # sharded parameters (FSDP2, tensor parallel): local shards, weighted so each element counts once
         self.sharded = any(hasattr(p, "placements") for _name, params in self.groups for p in params)
@@ -170,6 +173,8 @@ class UpdateTracker:
             self._owners = torch.tensor(owners, dtype=torch.long, device=device)
         norms = self._norms_of(range(len(self.groups)), device, self._owners)
         chosen = self._choose() if self.max_bytes != 0 else []
+        kept = {id(p) for i in chosen for p in self.groups[i][1]}  # a rotation's other buffers would break its budget
+        self._spare = {key: t for key, t in self._spare.items() if key in kept}
         deltas = torch.zeros(len(chosen), dtype=torch.float64, device=device)
         return _Step(chosen, norms, deltas, set(), set(), [])
 
@@ -208,15 +213,35 @@ class UpdateTracker:
             step.norms[torch.tensor(groups, device=device)] = self._norms_of(groups, device)
         step.based.update(fresh)
         step.taken.update(id(p) for p in live)
-        copy = snapshot([local_tensor(p.detach()) for p in live])
+        copy = self._copies(live)
         nbytes = sum(t.numel() * t.element_size() for t in copy)
         entry = _Copy(optimizer, live, copy, torch.tensor(slots, dtype=torch.long, device=device), nbytes)
         step.pending.append(entry)
         step.held += nbytes
-        self.peak_bytes = max(self.peak_bytes, step.held)
+        self.peak_bytes = max(
+            self.peak_bytes, step.held + sum(t.numel() * t.element_size() for t in self._spare.values())
+        )
         if optimizer is not None and hasattr(optimizer, "register_step_post_hook"):
             # removed at the end of the step, not from inside it: torch iterates the hooks while calling them
             step.handles.append(optimizer.register_step_post_hook(lambda *_args: self._read(entry)))
+
+    def _copies(self, live: Sequence[torch.nn.Parameter]) -> list[Tensor]:
+        """Copies of ``live``'s local values: into the last sampled step's buffers where they match,
+        else fresh (see :func:`~lightning_health.readings.update.snapshot`)."""
+        out = []
+        for p in live:
+            value, spare = local_tensor(p.detach()), self._spare.pop(id(p), None)
+            fits = spare is not None and (spare.shape, spare.dtype, spare.device) == (
+                value.shape,
+                value.dtype,
+                value.device,
+            )
+            out.append(spare.copy_(value) if fits else snapshot([value])[0])  # type: ignore[union-attr]
+        return out
+
+    def release(self) -> None:
+        """Drop the buffers kept from the last sampled step: the next one is not close (a plain step ran)."""
+        self._spare.clear()
 
     def _read(self, entry: _Copy) -> None:
         """The squared differences of one copy with the live weights, added to the step's; the copy freed."""
@@ -228,6 +253,7 @@ class UpdateTracker:
         local = [local_tensor(p.detach()) for p in entry.live]
         step.deltas += update_squares(entry.copy, local, entry.slots, len(step.chosen), weights)
         step.held -= entry.nbytes
+        self._spare.update((id(p), t) for p, t in zip(entry.live, entry.copy))
         entry.copy = []
 
     def after_step(self) -> tuple[Tensor | None, list[int]]:
@@ -250,6 +276,7 @@ class UpdateTracker:
     def discard(self) -> None:
         """Drop a snapshot that will not be read (the step was abandoned), and its hooks."""
         step, self._step = self._step, None
+        self._spare.clear()
         for handle in step.handles if step is not None else []:
             handle.remove()
 
