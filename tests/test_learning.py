@@ -127,7 +127,7 @@ def test_dense_sampling_reuses_the_copy_buffers_and_a_plain_step_frees_them():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1e-3)
-    vector, read = tracker.after_step()
+    vector, _read = tracker.after_step()
     expect = [1e-3 * (sum(p.numel() for p in ps) ** 0.5) for _n, ps in groups]
     weights = [torch.cat([p.detach().reshape(-1) - 1e-3 for p in ps]).double().norm().item() for _n, ps in groups]
     ratios = vector[len(groups) :].tolist()

@@ -164,6 +164,22 @@ def test_fire_mask_matches_numpy(shape, dim):
     assert R.unit_fire_mask(y, dim).numpy().tolist() == ref.tolist()
 
 
+@pytest.mark.parametrize("shape,dim", [((300, 64), -1), ((4, 3, 5), -1), ((4, 3, 7, 7), 1), ((1, 8), -1)])
+def test_fired_from_the_per_unit_sums_matches_numpy_on_a_never_negative_activation(shape, dim):
+    from lightning_health.readings.collapse import unit_moments
+
+    g = torch.Generator().manual_seed(5)
+    y = (torch.randn(*shape, generator=g) - 2.0).relu()  # many silent units
+    first = [slice(None)] * y.dim()
+    first[dim % y.dim()] = 0
+    y[tuple(first)] = 0.0
+    y.reshape(-1)[0] = 7.0  # unit 0 fires only on its first value, the shift's reference (the rest are 0)
+    x = y.numpy()
+    ref = (x > 0).any(axis=tuple(d for d in range(x.ndim) if d != dim % x.ndim))
+    moments = unit_moments(y, dim)
+    assert R.fired_from_sums(moments[: moments.numel() // 2]).numpy().tolist() == ref.tolist()
+
+
 def test_fire_mask_bf16_and_nan_units():
     y = torch.tensor([[0.0, 0.5, float("nan")], [0.0, 0.0, 1.0]], dtype=torch.bfloat16)
     assert R.unit_fire_mask(y, -1).tolist() == [False, True, True]

@@ -313,19 +313,27 @@ class Capture:
             return
         if y.numel() == 0:  # no example, no evidence about any unit (the width is agreed later in DDP)
             return
-        fired = self.shards.place(index, R.unit_fire_mask(y, dim))
+        training = self.mode is not Mode.VAL
+        moments = self._unit_readings(index, slot, y, dim) if training else None
+        fired = self.shards.place(index, self._fired(index, y, dim, moments))
         prev = buf.fired.get(slot)
         buf.fired[slot] = fired if prev is None or prev.shape != fired.shape else prev | fired
         self.reported.add(index)
-        if self.mode is Mode.VAL:
+        if not training:
             return
         self.forward_order.setdefault(index)  # a dict: O(1) on the hook path, keeps first-call order
-        moments = self._unit_readings(index, slot, y, dim)
         totals = self._activation_totals(index, y, moments)
         buf.act = totals if buf.act is None else R.combine_activation_totals(buf.act, totals)
         if self.act_edges is not None:
             hist = R.histogram_counts(R.histogram_sample(y, self._samples), *self._edges_on(layer.name, y.device))
             buf.act_hist = hist if buf.act_hist is None else buf.act_hist + hist
+
+    def _fired(self, index: int, y: Tensor, dim: int, moments: Tensor | None) -> Tensor:
+        """Which units output > 0: from the per-unit sums when the activation is never negative
+        (a sum of values >= 0 is > 0 exactly when one is), else one more pass over ``y``."""
+        if moments is not None and self.layers[index].profile.range[0] >= 0:
+            return R.fired_from_sums(moments[: moments.numel() // 2])
+        return R.unit_fire_mask(y, dim)
 
     def _unit_readings(self, index: int, slot: int, y: Tensor, dim: int) -> Tensor | None:
         """Accumulate the per-unit sums (moments for collapse, ``|y|`` for dormancy); this call's moments.

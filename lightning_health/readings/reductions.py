@@ -300,6 +300,17 @@ def unit_fire_mask(y: Tensor, neuron_dim: int) -> Tensor:
     return (unit_max > 0) | unit_max.isnan()
 
 
+def fired_from_sums(sums: Tensor) -> Tensor:
+    """:func:`unit_fire_mask` of an activation that is never negative, from its per-unit sums: a
+    sum of values >= 0 is > 0 exactly when one of them is; NaN counts as fired, as there.
+
+    Example:
+        >>> fired_from_sums(torch.tensor([0.0, 3.0, float("nan")])).tolist()
+        [False, True, True]
+    """
+    return ~(sums <= 0)
+
+
 def histogram_sample(x: Tensor, max_samples: int) -> Tensor:
     """A fixed-size, deterministic strided sample of ``x`` (every k-th element), as float32.
 
