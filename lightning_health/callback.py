@@ -88,8 +88,10 @@ class HealthMonitor(CallbackBase):
         dashboard: write the TensorBoard diagnosis panel (custom scalars), the findings (text in
             TensorBoard, a table in W&B) and the dead-fraction heatmap to loggers that show them.
             Scalars, histograms and the W&B config/summary are written either way.
-        heatmap_every_n_samples: re-render the dead-fraction heatmap (layers x sampled steps) every
-            this many sampled steps, and once at the end of training; ``None`` for no heatmap.
+        heatmap_every_n_samples: re-render the dead-fraction heatmap (layers x sampled steps) and
+            the depth profile every this many sampled steps, and once at the end of training;
+            ``None`` for neither. A due re-render waits while the pictures would take more than 2%
+            of the wall time (dense sampling: a render costs more than a sampled step).
         dormant_threshold: tau of the ``dormant_fraction`` reading (Sokar et al., 2023): a unit is
             dormant when its mean ``|activation|`` over the window is <= tau times the layer's
             average. ``0.025`` (default) also catches nearly silent units of any activation;
