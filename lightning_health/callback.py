@@ -29,8 +29,8 @@ from lightning_health.monitor import resume
 from lightning_health.monitor.publish import Publisher
 from lightning_health.monitor.react import HealthCriticalError, react
 from lightning_health.monitor.record import Record
-from lightning_health.monitor.runtime import Runtime, choose_layers
-from lightning_health.monitor.step_end import finish_train_step
+from lightning_health.monitor.runtime import PendingStep, Runtime, choose_layers
+from lightning_health.monitor.step_end import land_train_step, launch_train_step
 from lightning_health.pipeline.history import History
 from lightning_health.pipeline.schedule import SamplingSchedule, StepTimer, validate_every_n_steps
 from lightning_health.rescue.policy import RescueEvent, RescueMode
@@ -197,6 +197,7 @@ class HealthMonitor(CallbackBase):
     def _reset_runtime(self) -> None:
         self._runtime: Runtime | None = None
         self._armed_step: int | None = None
+        self._in_flight: tuple[Any, int, PendingStep] | None = None  # (trainer, step, its host copy on the way)
         self._timer = StepTimer()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -327,7 +328,13 @@ class HealthMonitor(CallbackBase):
         self._release()
 
     def _release(self) -> None:
-        """Remove hooks, close the sinks and drop the runtime (safe twice); keep curves and windows."""
+        """Land the step in flight, remove hooks, close the sinks and drop the runtime (safe twice);
+        keep curves and windows."""
+        try:
+            self._land()
+        except Exception as err:  # a failing device (the fit's own exception) must not hide the fit's error
+            self._in_flight = None
+            warnings.warn(f"HealthMonitor could not read its last sampled step ({err}).", RuntimeWarning, stacklevel=2)
         self._rescuer.unbind()
         self._armed_step = None
         runtime, self._runtime = self._runtime, None
@@ -346,6 +353,7 @@ class HealthMonitor(CallbackBase):
             return
         self._timer.start(trainer.global_step)
         if self._armed_step is None and self._schedule.should_sample(trainer.global_step):
+            self._land()  # its findings may change this step's sampling (a burst)
             self._armed_step = trainer.global_step
             self._timer.mark_sampled()
             runtime.arm(grad_scale_tensor(trainer))
@@ -370,6 +378,8 @@ class HealthMonitor(CallbackBase):
 
     @override
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._in_flight is not None:  # launched a batch ago: its copy is done, the device is busy with this one
+            self._land()
         if self._armed_step is not None and trainer.global_step > self._armed_step:
             self._finish_train_step(trainer)
 
@@ -382,11 +392,23 @@ class HealthMonitor(CallbackBase):
         runtime, step = self._runtime, self._armed_step
         assert runtime is not None and step is not None
         self._armed_step = None
-        finish_train_step(self, trainer, runtime, step)
+        self._land()  # an earlier step first: one copy in flight at most, steps land in order
+        pending = launch_train_step(self, runtime, step)
+        self._in_flight = (trainer, step, pending)
+        if not pending.pending:  # read already (a CPU): its host work now
+            self._land()
+
+    def _land(self) -> None:
+        """The host side of the step in flight, if any (its copy read, waiting for it if needed)."""
+        if self._in_flight is None or self._runtime is None:
+            return
+        (trainer, step, pending), self._in_flight = self._in_flight, None
+        land_train_step(self, trainer, self._runtime, step, pending.land())
 
     # -- validation ----------------------------------------------------------------------------------
     @override
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._land()
         if self._runtime is not None and not getattr(trainer, "sanity_checking", False):
             self._runtime.begin_validation()
 
@@ -416,6 +438,7 @@ class HealthMonitor(CallbackBase):
 
     @override
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._land()
         if self._runtime is None or not self._runtime.sinks.sinks:
             return
         step, sinks = trainer.global_step, self._runtime.sinks
@@ -431,6 +454,7 @@ class HealthMonitor(CallbackBase):
     # -- checkpoints -------------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
+        self._land()  # a checkpoint holds every sampled step so far
         runtime = self._runtime
         accumulator = (
             runtime.accumulator.state_dict() if runtime else (self._pending_state or {}).get("accumulator", {})

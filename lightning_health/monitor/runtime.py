@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,7 +23,7 @@ from lightning_health.capture.selection import MonitoredLayer, check_names_exist
 from lightning_health.capture.transformer import TransformerCapture
 from lightning_health.monitor.param_norms import StepParamNorms
 from lightning_health.pipeline import transformer_step
-from lightning_health.pipeline.accumulate import Accumulator, LayerReading
+from lightning_health.pipeline.accumulate import Accumulator, Landing, LayerReading
 from lightning_health.pipeline.learning import UpdateTracker
 from lightning_health.pipeline.param_grads import layer_param_groups
 from lightning_health.readings import reductions as R
@@ -47,6 +47,18 @@ class StepHost:
     overflow: bool  # the GradScaler found inf/NaN and skips this optimizer step
     timing: list[float]  # (sampled seconds, idle seconds) maxed over ranks, with `max_overhead`
     attention: list[float]  # the transformer readings' host numbers
+
+
+class PendingStep:
+    """A collected step whose host numbers may still be on their way (see :meth:`Runtime.collect`)."""
+
+    def __init__(self, landing: Landing, land: Callable[[], StepHost]) -> None:
+        self.landing = landing
+        self.land = land
+
+    @property
+    def pending(self) -> bool:
+        return self.landing.pending
 
 
 def activation_edges(chosen: list[MonitoredLayer], bins: int) -> dict[str, Tensor]:
@@ -164,8 +176,15 @@ class Runtime:
             self.norms.read(optimizer)
             self.updates.before_step(optimizer)
 
-    def collect(self, step: int, timing: Tensor | None) -> StepHost:
-        """Pack every reading, run the one collective and the one host copy; the host numbers."""
+    def collect(self, step: int, timing: Tensor | None, defer: bool | None = None) -> PendingStep:
+        """Pack every reading, run the one collective, start the one host copy; the host numbers to come.
+
+        Args:
+            step: the global step of the readings.
+            timing: the sampling budget's step timings, or ``None``.
+            defer: read the host copy later (``None``: on CUDA only; see
+                :class:`~lightning_health.pipeline.host_copy.HostCopy`).
+        """
         capture, accumulator = self.capture, self.accumulator
         capture.mode = Mode.OFF
         self._settle_heads()
@@ -176,26 +195,34 @@ class Runtime:
         learning, read = self.updates.after_step()  # after optimizer.step: before any rescue moves weights
         extra = [t for t in (norms, learning, overflow) if t is not None]  # one transfer
         device = accumulator.device()
+        shared_max = transformer_step.share(timing, self.transformer, device)
+        attention_width = 0 if self.transformer is None or not self.transformer else self.transformer.width()
         try:
-            readings, extra_host, shared = accumulator.finish_train_step(
+            landing = accumulator.launch_train_step(
                 torch.cat([t.to(device, torch.float64).reshape(-1) for t in extra]) if extra else None,
-                transformer_step.share(timing, self.transformer, device),
+                shared_max,
                 step=step,
+                defer=defer,
             )
         finally:
             capture.reset()
-        grad_norms = extra_host[: len(self.groups)] if norms is not None else []
+        n_norms = len(self.groups) if norms is not None else 0
         n_learning = 0 if learning is None else learning.numel()
-        learning_host = extra_host[len(grad_norms) : len(grad_norms) + n_learning]
-        timing_host, attention = transformer_step.split(shared, self.transformer)
-        return StepHost(
-            readings,
-            grad_norms,
-            self.updates.readings(learning_host, read) if learning is not None else {},
-            overflow is not None and extra_host[-1] > 0,
-            timing_host,
-            attention,
-        )
+
+        def land() -> StepHost:
+            readings, extra_host, shared = landing.land()
+            learning_host = extra_host[n_norms : n_norms + n_learning]
+            cut = len(shared) - attention_width
+            return StepHost(
+                readings,
+                extra_host[:n_norms],
+                self.updates.readings(learning_host, read) if learning is not None else {},
+                overflow is not None and extra_host[-1] > 0,
+                shared[:cut],
+                shared[cut:],
+            )
+
+        return PendingStep(landing, land)
 
     def settle(self, host: StepHost, lead: bool) -> tuple[list[str], list[str]]:
         """Layers set aside (never read in the first sampled steps) and taken back (read after all), with notes."""

@@ -1,10 +1,12 @@
 """The host side of a sampled training step, in the order it must happen.
 
-collect (the one collective and the one host copy) -> tabulate (readings -> logged values) ->
+launch: collect (the one collective, the one host copy started); then land, once the copy is read
+(at once on a CPU, a training batch later on CUDA): tabulate (readings -> logged values) ->
 transformer and rescue extras -> the sampling budget -> learning readings and the depth profile ->
 diagnose -> set aside layers that never report (or take back one that came) -> write the sinks ->
-react to critical findings -> the dashboard pieces. ``callback.py`` calls :func:`finish_train_step`
-once per sampled step, after the optimizer step (or at the end of an epoch that did not step).
+react to critical findings -> the dashboard pieces. ``callback.py`` calls :func:`launch_train_step`
+once per sampled step, after the optimizer step (or at the end of an epoch that did not step), and
+:func:`land_train_step` when its host numbers are read.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from lightning_health.sinks.status import status_scalars
 
 if TYPE_CHECKING:
     from lightning_health.callback import HealthMonitor
-    from lightning_health.monitor.runtime import Runtime
+    from lightning_health.monitor.runtime import PendingStep, Runtime, StepHost
 
 
 def step_timing(monitor: HealthMonitor, runtime: Runtime) -> torch.Tensor | None:
@@ -33,9 +35,18 @@ def step_timing(monitor: HealthMonitor, runtime: Runtime) -> torch.Tensor | None
     return timing
 
 
-def finish_train_step(monitor: HealthMonitor, trainer: Any, runtime: Runtime, step: int) -> None:
-    """Everything a sampled step leaves to do on the host, from the one host copy to the sinks."""
-    host = runtime.collect(step, step_timing(monitor, runtime))
+def launch_train_step(monitor: HealthMonitor, runtime: Runtime, step: int) -> PendingStep:
+    """The device side of a sampled step's end: pack, the one collective, the one host copy started.
+
+    The copy is read at once on a CPU, or when a rescue may move weights this step; on CUDA it is
+    read a training batch later (:func:`land_train_step`), so the device never waits for the host.
+    """
+    defer = None if monitor.rescue_settings.rescue is None else False
+    return runtime.collect(step, step_timing(monitor, runtime), defer)
+
+
+def land_train_step(monitor: HealthMonitor, trainer: Any, runtime: Runtime, step: int, host: StepHost) -> None:
+    """Everything a sampled step leaves to do on the host, from its host numbers to the sinks."""
     record, capture, schedule = monitor._record, runtime.capture, monitor._schedule
     record.heads = set(runtime.heads)
     scalars, histograms, snapshot = record.tabulate(step, host.readings, capture, runtime.host_edges)

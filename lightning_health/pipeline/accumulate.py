@@ -43,6 +43,7 @@ from torch import Tensor
 
 from lightning_health.capture.hooks import Capture, StepBuffers
 from lightning_health.pipeline.batched import CollapseCounts, DormantCounts, SegmentSums
+from lightning_health.pipeline.host_copy import HostCopy
 from lightning_health.pipeline.packing import LayerPlan, Packed, pack_layer, reported_flags, zeros
 from lightning_health.pipeline.sync import agree_layout, sync_vector, world_size
 from lightning_health.pipeline.unpack import LayerReading, to_readings
@@ -149,7 +150,17 @@ class Accumulator:
     def finish_train_step(
         self, extra: Tensor | None = None, shared_max: Tensor | None = None, step: int | None = None
     ) -> tuple[list[LayerReading], list[float], list[float]]:
-        """End a sampled training step: pack, sync, window, transfer once.
+        """End a sampled training step: pack, sync, window, transfer once (:meth:`launch_train_step`, read at once)."""
+        return self.launch_train_step(extra, shared_max, step, defer=False).land()
+
+    def launch_train_step(
+        self,
+        extra: Tensor | None = None,
+        shared_max: Tensor | None = None,
+        step: int | None = None,
+        defer: bool | None = None,
+    ) -> Landing:
+        """End a sampled training step on the device: pack, sync, window, start the one host copy.
 
         Args:
             extra: a float64 device vector appended after sync (already identical on every rank,
@@ -158,9 +169,11 @@ class Accumulator:
                 timings), so every rank takes the same decisions from them.
             step: the global step, recorded in :attr:`last_fired` (not recorded when ``None``).
 
+            defer: read the host copy later (see :class:`~lightning_health.pipeline.host_copy.HostCopy`).
+
         Returns:
-            One :class:`LayerReading` per monitored layer, and the host copies of ``extra`` and of
-            the synced ``shared_max``.
+            A :class:`Landing`: its ``land()`` gives one :class:`LayerReading` per monitored layer,
+            and the host copies of ``extra`` and of the synced ``shared_max``.
         """
         device = self.device()
         distributed = world_size() > 1
@@ -181,11 +194,16 @@ class Accumulator:
         tail = [synced, *counts]
         if extra is not None:
             tail.append(extra.to(device=device, dtype=torch.float64))
-        host = _to_host(torch.cat(tail), self._pinned)  # the one device-to-host transfer of the step
-        collapse = self.collapse_ratio is not None
-        readings, cursor = to_readings(host, plan, synced.numel(), sizes, collapse)
-        shared = host[shared_at : synced.numel() - (1 if distributed else 0)]  # not the layout flag
-        return readings, (host[cursor:] if extra is not None else []), shared
+        copy = HostCopy(torch.cat(tail), self._pinned, defer)  # the one device-to-host transfer of the step
+        collapse, width, has_extra = self.collapse_ratio is not None, synced.numel(), extra is not None
+
+        def land() -> tuple[list[LayerReading], list[float], list[float]]:
+            host = copy.values()
+            readings, cursor = to_readings(host, plan, width, sizes, collapse)
+            shared = host[shared_at : width - (1 if distributed else 0)]  # not the layout flag
+            return readings, (host[cursor:] if has_extra else []), shared
+
+        return Landing(copy, land)
 
     def _pack_train(self, distributed: bool, device: torch.device) -> tuple[list[LayerPlan], Packed]:
         """Every layer's totals, histograms, masks and per-unit sums, in the packed layout."""
@@ -375,19 +393,17 @@ def _moment_spans(entry: LayerPlan) -> list[tuple[int, int, int]]:
     return [(slot, at, widths[slot]) for slot, at in entry.moment_slots.items()]
 
 
-def _to_host(packed: Tensor, pinned: dict[str, Tensor]) -> list[float]:
-    """The step's one device-to-host copy.
+class Landing:
+    """A launched step's host side: ``land()`` reads the copy (waiting if needed) and unpacks it, once."""
 
-    On CUDA it goes without blocking into a pinned host buffer kept across steps in ``pinned``
-    (allocating pinned memory per step would cost more than the copy), then one sync of the
-    current stream before reading. Elsewhere ``tolist`` reads the tensor directly.
-    """
-    if not packed.is_cuda:
-        return packed.tolist()
-    buf = pinned.get("buf")
-    if buf is None or buf.numel() < packed.numel() or buf.dtype != packed.dtype:
-        buf = pinned["buf"] = torch.empty(packed.numel(), dtype=packed.dtype, pin_memory=True)
-    out = buf[: packed.numel()]
-    out.copy_(packed.reshape(-1), non_blocking=True)
-    torch.cuda.current_stream(packed.device).synchronize()
-    return out.tolist()
+    def __init__(self, copy: HostCopy, land: Callable[[], tuple[list[LayerReading], list[float], list[float]]]) -> None:
+        self.copy = copy
+        self._land = land
+
+    @property
+    def pending(self) -> bool:
+        """The host copy is still to be read (a CUDA copy, or one deferred on purpose)."""
+        return self.copy.pending
+
+    def land(self) -> tuple[list[LayerReading], list[float], list[float]]:
+        return self._land()

@@ -34,14 +34,6 @@ def share(timing: Tensor | None, capture: TransformerCapture | None, device: tor
     return packed if timing is None else torch.cat([timing.to(device, torch.float64), packed])
 
 
-def split(shared: list[float], capture: TransformerCapture | None) -> tuple[list[float], list[float]]:
-    """``(timing part, transformer part)`` of the host copy of ``shared_max``."""
-    if capture is None or not capture:
-        return shared, []
-    n = capture.width()
-    return shared[: len(shared) - n], shared[len(shared) - n :]
-
-
 def _head_histogram(values: list[float], high: float) -> Histogram:
     bins = 16
     edges = tuple(high * i / bins for i in range(bins + 1))
