@@ -42,6 +42,8 @@ class Captured:
     gradients: list[Tensor]
     neuron_dims: list[int]
     bounds: list[tuple[float, float] | None]
+    never_negative: list[bool]  # the activation's probed range starts at 0 or above (ReLU, sigmoid)
+    unit_sums: list[Tensor | None]  # their per-unit sums (the hooks' moments, taken by the totals part)
 
     @property
     def megabytes(self) -> float:
@@ -52,6 +54,7 @@ class Captured:
 def capture(workload: str, *, tiny: bool = False, seed: int = 0) -> Captured:
     """Run one forward/backward of ``workload`` and keep the default-selected layers' tensors."""
     from lightning_health.capture.selection import select_layers
+    from lightning_health.readings.collapse import unit_moments
 
     module, loader = make_workload(workload, num_batches=1, tiny=tiny, seed=seed)
     layers = select_layers(module)
@@ -75,12 +78,19 @@ def capture(workload: str, *, tiny: bool = False, seed: int = 0) -> Captured:
         for handle in handles:
             handle.remove()
     order = [i for i in range(len(layers)) if i in acts and i in grads]
+    dims = [layers[i].neuron_dim if acts[i].dim() >= 3 else -1 for i in order]
+    never_negative = [layers[i].profile.range[0] >= 0 for i in order]
     return Captured(
         names=[layers[i].name for i in order],
         activations=[acts[i] for i in order],
         gradients=[grads[i] for i in order],
-        neuron_dims=[layers[i].neuron_dim if acts[i].dim() >= 3 else -1 for i in order],
+        neuron_dims=dims,
         bounds=[layers[i].profile.bounds for i in order],
+        never_negative=never_negative,
+        unit_sums=[
+            unit_moments(acts[i], dim)[: acts[i].shape[dim]] if nn else None
+            for i, dim, nn in zip(order, dims, never_negative)
+        ],
     )
 
 
@@ -105,15 +115,22 @@ def _parts(c: Captured, bins: int = 64, samples: int = 8192) -> dict[str, Callab
 
     def activation_totals() -> list[Tensor]:
         out = []
-        for y, d, b in pairs:
+        for (y, d, b), nn in zip(pairs, c.never_negative):
             moments = unit_moments(y, d, scratch=scratch.get(y))
             sums = moments.view(2, -1).sum(dim=1)
-            out += [unit_abs_sums(y, d, scratch=scratch.get(y)), moments]
+            # |a| sums: a never-negative activation's are its moments' sums, as in the hooks
+            out += [moments] if nn else [unit_abs_sums(y, d, scratch=scratch.get(y)), moments]
             out.append(R.activation_totals(y, b, 0.01, scratch.get(y), moments=sums))
         return out
 
+    def fire_masks() -> list[Tensor]:  # a never-negative activation's from the per-unit sums the totals part takes
+        return [
+            (R.fired_from_sums(s) if s is not None else R.unit_fire_mask(y, d)).to(torch.float64)
+            for (y, d, _b), s in zip(pairs, c.unit_sums)
+        ]
+
     return {
-        "fire mask": lambda: [R.unit_fire_mask(y, d).to(torch.float64) for y, d, _b in pairs],
+        "fire mask": fire_masks,
         "activation totals + per-unit sums": activation_totals,
         "activation histogram": lambda: [
             R.histogram_counts(R.histogram_sample(y, samples), act_edges, act_bounds) for y in c.activations
