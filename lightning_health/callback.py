@@ -29,9 +29,10 @@ from lightning_health.monitor import resume
 from lightning_health.monitor.publish import Publisher
 from lightning_health.monitor.react import HealthCriticalError, react
 from lightning_health.monitor.record import Record
-from lightning_health.monitor.runtime import PendingStep, Runtime, choose_layers
+from lightning_health.monitor.runtime import Runtime, StepHost, choose_layers
 from lightning_health.monitor.step_end import land_train_step, launch_train_step
 from lightning_health.pipeline.history import History
+from lightning_health.pipeline.host_copy import Pending
 from lightning_health.pipeline.schedule import SamplingSchedule, StepTimer, validate_every_n_steps
 from lightning_health.rescue.policy import RescueEvent, RescueMode
 from lightning_health.rescue.runner import RescueInit, Rescuer, RescueSettings, warn_refused
@@ -197,7 +198,7 @@ class HealthMonitor(CallbackBase):
     def _reset_runtime(self) -> None:
         self._runtime: Runtime | None = None
         self._armed_step: int | None = None
-        self._in_flight: tuple[Any, int, PendingStep] | None = None  # (trainer, step, its host copy on the way)
+        self._in_flight: tuple[Any, int, Pending[StepHost]] | None = None  # (trainer, step, its host copy on the way)
         self._timer = StepTimer()
 
     def __getstate__(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,7 +23,8 @@ from lightning_health.capture.selection import MonitoredLayer, check_names_exist
 from lightning_health.capture.transformer import TransformerCapture
 from lightning_health.monitor.param_norms import StepParamNorms
 from lightning_health.pipeline import transformer_step
-from lightning_health.pipeline.accumulate import Accumulator, Landing, LayerReading
+from lightning_health.pipeline.accumulate import Accumulator, LayerReading
+from lightning_health.pipeline.host_copy import Pending
 from lightning_health.pipeline.learning import UpdateTracker
 from lightning_health.pipeline.param_grads import layer_param_groups
 from lightning_health.readings import reductions as R
@@ -47,18 +48,6 @@ class StepHost:
     overflow: bool  # the GradScaler found inf/NaN and skips this optimizer step
     timing: list[float]  # (sampled seconds, idle seconds) maxed over ranks, with `max_overhead`
     attention: list[float]  # the transformer readings' host numbers
-
-
-class PendingStep:
-    """A collected step whose host numbers may still be on their way (see :meth:`Runtime.collect`)."""
-
-    def __init__(self, landing: Landing, land: Callable[[], StepHost]) -> None:
-        self.landing = landing
-        self.land = land
-
-    @property
-    def pending(self) -> bool:
-        return self.landing.pending
 
 
 def activation_edges(chosen: list[MonitoredLayer], bins: int) -> dict[str, Tensor]:
@@ -176,7 +165,7 @@ class Runtime:
             self.norms.read(optimizer)
             self.updates.before_step(optimizer)
 
-    def collect(self, step: int, timing: Tensor | None, defer: bool | None = None) -> PendingStep:
+    def collect(self, step: int, timing: Tensor | None, defer: bool | None = None) -> Pending[StepHost]:
         """Pack every reading, run the one collective, start the one host copy; the host numbers to come.
 
         Args:
@@ -222,7 +211,7 @@ class Runtime:
                 shared[cut:],
             )
 
-        return PendingStep(landing, land)
+        return Pending(landing.copy, land)
 
     def settle(self, host: StepHost, lead: bool) -> tuple[list[str], list[str]]:
         """Layers set aside (never read in the first sampled steps) and taken back (read after all), with notes."""

@@ -23,7 +23,8 @@ from lightning_health.sinks.status import status_scalars
 
 if TYPE_CHECKING:
     from lightning_health.callback import HealthMonitor
-    from lightning_health.monitor.runtime import PendingStep, Runtime, StepHost
+    from lightning_health.monitor.runtime import Runtime, StepHost
+    from lightning_health.pipeline.host_copy import Pending
 
 
 def step_timing(monitor: HealthMonitor, runtime: Runtime) -> torch.Tensor | None:
@@ -35,7 +36,7 @@ def step_timing(monitor: HealthMonitor, runtime: Runtime) -> torch.Tensor | None
     return timing
 
 
-def launch_train_step(monitor: HealthMonitor, runtime: Runtime, step: int) -> PendingStep:
+def launch_train_step(monitor: HealthMonitor, runtime: Runtime, step: int) -> Pending[StepHost]:
     """The device side of a sampled step's end: pack, the one collective, the one host copy started.
 
     The copy is read at once on a CPU, or when a rescue may move weights this step; on CUDA it is

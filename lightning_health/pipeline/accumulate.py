@@ -43,7 +43,7 @@ from torch import Tensor
 
 from lightning_health.capture.hooks import Capture, StepBuffers
 from lightning_health.pipeline.batched import CollapseCounts, DormantCounts, SegmentSums
-from lightning_health.pipeline.host_copy import HostCopy
+from lightning_health.pipeline.host_copy import HostCopy, Pending
 from lightning_health.pipeline.packing import LayerPlan, Packed, pack_layer, reported_flags, zeros
 from lightning_health.pipeline.sync import agree_layout, sync_vector, world_size
 from lightning_health.pipeline.unpack import LayerReading, to_readings
@@ -159,7 +159,7 @@ class Accumulator:
         shared_max: Tensor | None = None,
         step: int | None = None,
         defer: bool | None = None,
-    ) -> Landing:
+    ) -> Pending[tuple[list[LayerReading], list[float], list[float]]]:
         """End a sampled training step on the device: pack, sync, window, start the one host copy.
 
         Args:
@@ -172,8 +172,9 @@ class Accumulator:
             defer: read the host copy later (see :class:`~lightning_health.pipeline.host_copy.HostCopy`).
 
         Returns:
-            A :class:`Landing`: its ``land()`` gives one :class:`LayerReading` per monitored layer,
-            and the host copies of ``extra`` and of the synced ``shared_max``.
+            A :class:`~lightning_health.pipeline.host_copy.Pending`: its ``land()`` gives one
+            :class:`LayerReading` per monitored layer, and the host copies of ``extra`` and of the
+            synced ``shared_max``.
         """
         device = self.device()
         distributed = world_size() > 1
@@ -203,7 +204,7 @@ class Accumulator:
             shared = host[shared_at : width - (1 if distributed else 0)]  # not the layout flag
             return readings, (host[cursor:] if has_extra else []), shared
 
-        return Landing(copy, land)
+        return Pending(copy, land)
 
     def _pack_train(self, distributed: bool, device: torch.device) -> tuple[list[LayerPlan], Packed]:
         """Every layer's totals, histograms, masks and per-unit sums, in the packed layout."""
@@ -391,19 +392,3 @@ def _moment_spans(entry: LayerPlan) -> list[tuple[int, int, int]]:
     """``(slot, offset, width)`` of each slot's ``[sums, squares, count]`` block, in slot order."""
     widths = {slot: width for slot, _offset, width in entry.slots}
     return [(slot, at, widths[slot]) for slot, at in entry.moment_slots.items()]
-
-
-class Landing:
-    """A launched step's host side: ``land()`` reads the copy (waiting if needed) and unpacks it, once."""
-
-    def __init__(self, copy: HostCopy, land: Callable[[], tuple[list[LayerReading], list[float], list[float]]]) -> None:
-        self.copy = copy
-        self._land = land
-
-    @property
-    def pending(self) -> bool:
-        """The host copy is still to be read (a CUDA copy, or one deferred on purpose)."""
-        return self.copy.pending
-
-    def land(self) -> tuple[list[LayerReading], list[float], list[float]]:
-        return self._land()

@@ -17,8 +17,13 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
 import torch
 from torch import Tensor
+
+T = TypeVar("T")
 
 DEFER_ON_CPU = False
 """Hold CPU copies back too, as CUDA's are: the tests check the deferred path on machines without CUDA."""
@@ -66,3 +71,16 @@ class HostCopy:
             assert self._source is not None
             self._values, self._source, self._event = self._source.tolist(), None, None
         return self._values
+
+
+class Pending(Generic[T]):
+    """What a launched step gives its host side: ``land()`` reads ``copy`` (waiting if needed) and builds the result."""
+
+    def __init__(self, copy: HostCopy, land: Callable[[], T]) -> None:
+        self.copy = copy
+        self.land = land
+
+    @property
+    def pending(self) -> bool:
+        """The host copy is still to be read (a CUDA copy, or one deferred on purpose)."""
+        return self.copy.pending
