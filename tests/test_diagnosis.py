@@ -50,6 +50,14 @@ def test_vanishing_is_relative_so_a_converged_network_is_healthy():
     assert _kinds(found) == {("h1", "vanishing_gradient", "warning")}
 
 
+def test_a_head_is_output_side_of_the_vanishing_reference():
+    # The reference is the last layer before the heads; a head below it (large head weights) is gain.
+    readings = {"h1": {"grad_norm": 1e-5, "grad_std": 1e-6}, "inner": {"grad_norm": 10.0, "grad_std": 1.0},
+                "head": {"grad_norm": 1e-3, "grad_std": 1e-4}}  # fmt: skip
+    found, _ = evaluate(0, readings, Thresholds(), output_layer="inner", heads={"head"})
+    assert _kinds(found) == {("h1", "vanishing_gradient", "warning")}
+
+
 def test_dead_rule_only_for_rectifiers():
     found, _ = evaluate(0, {"tanh": {"dead_fraction": 0.9}}, Thresholds(), rectifiers={"relu"})
     assert found == []

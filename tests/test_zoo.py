@@ -223,3 +223,18 @@ def test_the_same_dose_on_a_summed_loss_gets_the_same_verdict():
         task.loss_fn = loss
         verdicts.append({(f.layer, f.kind) for f in _fit(task, loader, steps=20).diagnose()})
     assert verdicts[0] == verdicts[1] and verdicts[0]
+
+
+def test_a_head_is_never_called_vanishing_for_being_smaller_than_the_layer_it_reads():
+    """The reference for vanishing is the last layer before the heads; a head is output-side of it.
+    A head with large weights (a high learning rate grew them, or an init scaled up) hands the LSTM
+    a far larger gradient than it gets from the loss: that is gain, not a gradient lost on its way back."""
+    task, loader = zoo.recurrent(nn.LSTM)
+    with torch.no_grad():
+        task.net.head.weight.mul_(300.0)
+    monitor = _fit(task, loader, steps=20)
+    assert "net.head" in monitor._record.heads
+    head_grad = max(v for _, v in monitor.curves("grad_norm")["net.head"])
+    rnn_grad = min(v for _, v in monitor.curves("grad_norm")["net.rnn"])
+    assert head_grad < 1e-2 * rnn_grad  # the case the rule once got wrong: the head far below the reference
+    assert not [f for f in monitor.diagnose() if f.layer == "net.head" and f.kind == "vanishing_gradient"]

@@ -151,7 +151,9 @@ def gradient_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set
         return checked, [("exploding_gradient", "critical", message, g / base)]
     if t.exploding_grad_std is not None and g > t.exploding_grad_std:
         return checked, [("exploding_gradient", "critical", f"gradient std {g:.2e} above {t.exploding_grad_std:g}", g)]
-    if layer == ctx.output_layer or (t.vanishing_grad_std is not None and g >= t.vanishing_grad_std):
+    if layer == ctx.output_layer or layer in ctx.heads:  # the reference, or output-side of it: nothing to lose
+        return checked, []
+    if t.vanishing_grad_std is not None and g >= t.vanishing_grad_std:
         return checked, []
     # Norms where both layers have one (width-free), else per-element stds (older event files).
     norm, ref_norm = r.get("grad_norm"), ctx.reference_grad_norm
