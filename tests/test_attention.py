@@ -186,3 +186,12 @@ def test_outlier_channel_raises_massive_activation_with_onset() -> None:
     found = {(f.layer, f.kind): f for f in monitor.diagnose()}
     assert found[("model.transformer.h.0", "massive_activation")].step == 3, monitor.diagnose()
     assert monitor.curves("massive_channels")["model.transformer.h.0"][-1][1] > 0
+
+
+def test_entropy_of_one_hot_attention_with_huge_logits_is_zero_not_negative() -> None:
+    """Logits in the thousands (a diverging run) leave float32 rounding in ``lse - E[s]``: never below 0."""
+    torch.manual_seed(0)
+    q, k = 30.0 * torch.randn(2, 4, 24, 16), 30.0 * torch.randn(2, 4, 24, 16)
+    entropy, rows, top = attention_totals(q, k, 0.25, causal=True)
+    assert top.min() > 1e3
+    assert (entropy >= 0).all() and (entropy / rows).max() < 0.05

@@ -126,3 +126,18 @@ def test_a_validation_only_step_does_not_clear_a_nan_layers_dead_finding():
     }
     dead = next(f for f in diagnose_curves(curves) if f.kind == "dead")
     assert dead.active and dead.step == 2
+
+
+def test_one_sharp_head_is_learning_a_one_hot_layer_is_a_finding():
+    """entropy_collapse reads the layer's mean over heads: a copy or sink head at 0.02 nats beside heads
+    at 2 nats is what training builds; logit_growth is a level (the bound), not growth from ~0 at init."""
+    t = Thresholds()
+    learned = {"attn": {"attn_entropy": 1.5, "attn_entropy_min": 0.02, "attn_logit_max": 30.0,
+                        "attn_logit_max_low": 0.1}}  # fmt: skip
+    found, _ = evaluate(10, learned, t)
+    assert not _kinds(found)
+    collapsed = {"attn": {"attn_entropy": 0.03, "attn_entropy_min": 0.0, "attn_logit_max": 400.0,
+                          "attn_logit_max_low": 0.1}}  # fmt: skip
+    found, _ = evaluate(10, collapsed, t)
+    assert {f.kind for f in found} == {"entropy_collapse", "logit_growth"}
+    assert "4000x its lowest reading" in next(f.message for f in found if f.kind == "logit_growth")

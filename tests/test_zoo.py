@@ -238,3 +238,20 @@ def test_a_head_is_never_called_vanishing_for_being_smaller_than_the_layer_it_re
     rnn_grad = min(v for _, v in monitor.curves("grad_norm")["net.rnn"])
     assert head_grad < 1e-2 * rnn_grad  # the case the rule once got wrong: the head far below the reference
     assert not [f for f in monitor.diagnose() if f.layer == "net.head" and f.kind == "vanishing_gradient"]
+
+
+def test_a_transformer_that_learns_sharp_attention_gets_no_attention_finding():
+    """Learning to attend takes a head from uniform attention (its highest entropy) and logits near 0 at
+    initialisation to a near one-hot copy head with logits of 10-30: the drop and the growth are
+    learning. Only a whole layer gone one-hot, or logits past the bound, are findings."""
+    task, loader = zoo.hf_lm("llama", zoo.adam(2e-3))
+    monitor = _fit(task, loader, steps=240)
+    first, last = sum(task.losses[:5]) / 5, sum(task.losses[-5:]) / 5
+    assert last < 0.5 * first, "the copy task was not learned: not the case under test"
+    layer = "net.model.model.layers.1.self_attn"
+    sharpest = min(v for _, v in monitor.curves("attn_entropy_min")[layer])
+    entropies = [v for _, v in monitor.curves("attn_entropy")[layer]]
+    logits = [v for _, v in monitor.curves("attn_logit_max")[layer]]
+    assert sharpest < 0.1 * entropies[0] and max(logits) > 50 * logits[0]  # a head went sharp; logits grew 50x+
+    raised = [(f.layer, f.kind, f.message) for f in monitor.diagnose()]
+    assert not [r for r in raised if r[1] in ("entropy_collapse", "logit_growth")], raised

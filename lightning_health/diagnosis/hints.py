@@ -16,10 +16,11 @@ HINTS = {
     "normalization, or scale down residual branches.",
     "collapsed": "Check the initialisation scale (He/Xavier) and add normalization; collapse usually follows dead "
     "or saturated layers upstream.",
-    "entropy_collapse": "Attention is nearly one-hot: add QK-layernorm, lower the learning rate or warm it up "
-    "longer, or use sigmaReparam (Zhai et al., 2023); check the logit_growth reading of the same layer.",
-    "logit_growth": "Attention logits are growing: add QK-layernorm (Dehghani et al., 2023), lower the learning "
-    "rate, add a z-loss on the output logits (Wortsman et al., 2023), or cap the scores (tanh softcapping).",
+    "entropy_collapse": "The whole layer attends nearly one-hot: add QK-layernorm, lower the learning rate or warm "
+    "it up longer, or use sigmaReparam (Zhai et al., 2023); check the logit_growth reading of the same layer.",
+    "logit_growth": "Attention logits are past what healthy runs reach, the step before divergence: add "
+    "QK-layernorm (Dehghani et al., 2023), lower the learning rate, add a z-loss on the output logits "
+    "(Wortsman et al., 2023), or cap the scores (tanh softcapping).",
     "massive_activation": "Outlier channels in the residual stream are growing: they exist in healthy LLMs too "
     "(Sun et al., 2024), so watch the trend; weight decay, a lower learning rate, or attention biases / "
     "softmax-off-by-one can keep them from growing.",

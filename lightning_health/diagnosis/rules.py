@@ -39,10 +39,11 @@ Rules (defaults in :class:`Thresholds`, all overridable):
   step moves its weights by a tenth of their size. A module that was all zeros when first read (a
   zero-initialised bias or projection) is judged only ``1/0.1**2 = 100`` steps later: until then its
   weights are its own few updates and the ratio says nothing about the step size.
-- ``entropy_collapse``: an attention layer's lowest-head mean entropy below ``0.1`` nats, or below
-  ``1/10`` of its own earlier peak (warning; Zhai et al., 2023).
-- ``logit_growth``: ``attn_logit_max`` above ``50``, or at least ``20`` and ``4x`` its own lowest
-  reading (warning; Dehghani et al., 2023; Wortsman et al., 2023).
+- ``entropy_collapse``: an attention layer's mean entropy (over heads and queries) below ``0.1``
+  nats (warning; Zhai et al., 2023). One sharp head is what training builds, not a finding.
+- ``logit_growth``: ``attn_logit_max`` above ``100`` (warning; Dehghani et al., 2023; Wortsman et
+  al., 2023; the bound is Kimi K2's QK-Clip cap). Growth from the first readings is not judged:
+  learning to attend takes the logits from ~0 at initialisation to 10-30.
 - ``massive_activation``: a residual block's ``massive_ratio`` at least ``100`` (Sun et al., 2024)
   and ``4x`` its own lowest reading: growth, not existence (warning).
 

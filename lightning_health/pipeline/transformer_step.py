@@ -20,7 +20,6 @@ from lightning_health.sinks import Histogram
 
 # earlier level kept in the snapshot per reading: (metric, snapshot key, how earlier values are folded)
 _EARLIER = (
-    ("attn_entropy_min", "attn_entropy_min_peak", max),
     ("attn_logit_max", "attn_logit_max_low", min),
     ("massive_ratio", "massive_ratio_low", min),
 )

@@ -106,7 +106,8 @@ def attention_totals(
             valid = allowed.any(dim=-1)
             p = torch.exp(logits - torch.where(valid.unsqueeze(-1), lse, 0.0))
             expected = (p * logits.masked_fill(~allowed, 0.0)).sum(dim=-1)
-            entropy = torch.where(valid, lse.squeeze(-1) - expected, 0.0)
+            # clamped: with logits in the thousands the float32 difference can read a hair below 0
+            entropy = torch.where(valid, lse.squeeze(-1) - expected, 0.0).clamp_(min=0.0)
             ent += entropy.sum(dim=(0, 2), dtype=torch.float64)
             rows += valid.sum(dim=(0, 2)).to(torch.float64)
         return ent, rows, top
