@@ -195,3 +195,24 @@ def test_entropy_of_one_hot_attention_with_huge_logits_is_zero_not_negative() ->
     entropy, rows, top = attention_totals(q, k, 0.25, causal=True)
     assert top.min() > 1e3
     assert (entropy >= 0).all() and (entropy / rows).max() < 0.05
+
+
+def test_massive_outliers_built_up_over_a_long_run_are_not_a_finding_a_jump_is() -> None:
+    """Sun et al. find massive activations in every trained LLM: a ratio that climbs from 7 at init to
+    700 over 100 sampled steps is how they form; 4x within the last few readings is a finding."""
+    from lightning_health.diagnosis.rules import evaluate
+    from lightning_health.diagnosis.thresholds import Thresholds
+    from lightning_health.pipeline.history import History
+    from lightning_health.pipeline.transformer_step import earlier_levels
+
+    def verdict(curve: list[float]) -> set[str]:
+        history = History()
+        for step, value in enumerate(curve[:-1]):
+            history.add(step, "massive_ratio", "block", value)
+        now = {"massive_ratio": curve[-1], "massive_channels": 0.01}
+        readings = {"block": {**now, **earlier_levels(history, "block", now)}}
+        return {f.kind for f in evaluate(len(curve), readings, Thresholds())[0]}
+
+    slow = [7.0 * 1.048**i for i in range(101)]  # 7 -> ~750, 4.8% a reading
+    assert slow[-1] > 100 * slow[0] and not verdict(slow)
+    assert verdict([7.0] * 20 + [30.0, 300.0]) == {"massive_activation"}

@@ -47,6 +47,12 @@ def logit_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[st
 
 
 def massive_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
+    """A block's max/median past 100 and ``massive_growth`` times its lowest of the last few readings.
+
+    Existence is not a finding (Sun et al., 2024: every trained LLM has them), nor is a slow build-up
+    over a long run; a jump within :data:`~lightning_health.pipeline.transformer_step.MASSIVE_RECENT`
+    sampled steps is.
+    """
     ratio = r.get("massive_ratio")
     if ratio is None:
         return set(), []
@@ -54,7 +60,7 @@ def massive_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[
     if ratio >= 100 and low is not None and low > 0 and ratio >= ctx.thresholds.massive_growth * low:
         share = r.get("massive_channels", 0.0)
         message = (
-            f"residual-stream outliers growing: max/median {ratio:.0f} ({ratio / low:.1f}x its lowest), "
+            f"residual-stream outliers growing: max/median {ratio:.0f} ({ratio / low:.1f}x its lowest of late), "
             f"{pct(share)} of channels past 100x the median"
         )
         return {"massive_activation"}, [("massive_activation", "warning", message, ratio)]

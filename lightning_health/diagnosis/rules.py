@@ -45,7 +45,7 @@ Rules (defaults in :class:`Thresholds`, all overridable):
   al., 2023; the bound is Kimi K2's QK-Clip cap). Growth from the first readings is not judged:
   learning to attend takes the logits from ~0 at initialisation to 10-30.
 - ``massive_activation``: a residual block's ``massive_ratio`` at least ``100`` (Sun et al., 2024)
-  and ``4x`` its own lowest reading: growth, not existence (warning).
+  and ``4x`` its lowest of the last 10 readings: a jump, not existence nor a slow build-up (warning).
 
 Each rule is one small function registered in :data:`RULES`: adding a rule is adding a function. The
 rules on one layer's readings live here, the learning rules in

@@ -10,6 +10,7 @@ that the growth and drop rules compare against.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -18,10 +19,14 @@ from lightning_health.capture.transformer import TransformerCapture
 from lightning_health.pipeline.history import History
 from lightning_health.sinks import Histogram
 
-# earlier level kept in the snapshot per reading: (metric, snapshot key, how earlier values are folded)
+MASSIVE_RECENT = 10
+"""Readings the massive-activation growth is measured over: outliers that build up over a long healthy
+run (Sun et al. find them in every trained LLM) are not a finding; a jump within these few is."""
+
+# earlier level kept in the snapshot per reading: (metric, snapshot key, fold, how many latest readings; None: all)
 _EARLIER = (
-    ("attn_logit_max", "attn_logit_max_low", min),
-    ("massive_ratio", "massive_ratio_low", min),
+    ("attn_logit_max", "attn_logit_max_low", min, None),
+    ("massive_ratio", "massive_ratio_low", min, MASSIVE_RECENT),
 )
 
 
@@ -49,6 +54,16 @@ def _head_histogram(values: list[float], high: float) -> Histogram:
     return Histogram(edges, tuple(counts))
 
 
+def earlier_levels(history: History, layer: str, metrics: Mapping[str, float]) -> dict[str, float]:
+    """The earlier levels the growth rules compare ``metrics`` (this step's, not yet in ``history``) with."""
+    out = {}
+    for metric, key, fold, last in _EARLIER:
+        earlier = [v for _s, v in history.curves(metric).get(layer, [])[-(last or 0) :] if math.isfinite(v)]
+        if earlier and metric in metrics:
+            out[key] = fold(earlier)
+    return out
+
+
 def publish(
     capture: TransformerCapture,
     host: list[float],
@@ -62,10 +77,7 @@ def publish(
     readings = capture.unpack(host)
     for layer, metrics in readings.metrics.items():
         entry = snapshot.setdefault(layer, {})
-        for metric, key, fold in _EARLIER:
-            earlier = [v for _s, v in history.curves(metric).get(layer, []) if math.isfinite(v)]
-            if earlier and metric in metrics:
-                entry[key] = fold(earlier)
+        entry.update(earlier_levels(history, layer, metrics))
         for metric, value in metrics.items():
             scalars[f"health/{metric}/{layer}"] = value
             history.add(step, metric, layer, value)
