@@ -14,7 +14,7 @@ def _kinds(findings):
 
 def test_default_thresholds():
     t = Thresholds()
-    assert (t.dead_warning, t.dead_critical, t.saturation) == (0.2, 0.5, 0.3)
+    assert (t.dead_warning, t.dead_critical, t.saturation) == (0.2, 0.5, 0.5)
     # Scale-free by default: the absolute gradient thresholds are opt-in.
     assert (t.vanishing_grad_std, t.exploding_grad_std, t.exploding_growth) == (None, None, 100.0)
     assert (t.collapsed, t.collapse_unit_ratio, t.collapse_std) == (0.5, 1e-3, 1e-3)
@@ -23,7 +23,7 @@ def test_default_thresholds():
 def test_each_rule_fires_at_its_threshold():
     readings = {
         "a": {"dead_fraction": 0.25, "act_std": 1.0, "grad_std": 1e-2, "saturation": 0.0, "nonfinite": 0},
-        "b": {"dead_fraction": 0.6, "act_std": 1e-4, "grad_std": 20.0, "saturation": 0.5, "nonfinite": 0},
+        "b": {"dead_fraction": 0.6, "act_std": 1e-4, "grad_std": 20.0, "saturation": 0.6, "nonfinite": 0},
         "c": {"nonfinite": 3, "grad_nonfinite": 1},
         "out": {"act_std": 1.0, "grad_std": 1e-2},
     }

@@ -255,3 +255,29 @@ def test_a_transformer_that_learns_sharp_attention_gets_no_attention_finding():
     assert sharpest < 0.1 * entropies[0] and max(logits) > 50 * logits[0]  # a head went sharp; logits grew 50x+
     raised = [(f.layer, f.kind, f.message) for f in monitor.diagnose()]
     assert not [r for r in raised if r[1] in ("entropy_collapse", "logit_growth")], raised
+
+
+CONFIDENT = {  # healthy fits whose tanh/sigmoid layers grow confident: 30-39% of outputs end on a shoulder
+    "tanh_mlp": (lambda: zoo.digits_mlp(nn.Tanh, init="xavier", depth=3, width=128), 1500, "net.5"),
+    "sigmoid_mlp": (lambda: zoo.digits_mlp(nn.Sigmoid, init="xavier", depth=3), 1000, "net.1"),
+    "tanh_rnn": (lambda: zoo.recurrent(nn.RNN), 1000, "net.rnn"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIDENT))
+def test_a_layer_grown_confident_by_training_is_not_saturated(case):
+    """Saturation that training builds (a minority of outputs on a shoulder, loss near 0) is not the
+    Glorot & Bengio disease, where most of a layer sits there from its first readings."""
+    build, steps, layer = CONFIDENT[case]
+    task, loader = build()
+    monitor = HealthMonitor(every_n_steps=10, verbose=False)
+    trainer = pl.Trainer(
+        max_steps=steps, callbacks=[monitor], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, accelerator="cpu", devices=1,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(task, loader)
+    assert sum(task.losses[-20:]) / 20 < 0.25 * sum(task.losses[:20]) / 20, "not a fit that learned"
+    assert max(v for _, v in monitor.curves("saturation")[layer]) > 0.3  # past the old 30% line
+    assert not [f for f in monitor.diagnose() if f.kind == "saturated"], monitor.diagnose()

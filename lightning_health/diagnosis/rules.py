@@ -10,8 +10,11 @@ Rules (defaults in :class:`Thresholds`, all overridable):
 - ``inactive``: more than 50% of a smooth rectifier's units (GELU, SiLU, Mish, ELU, Softplus...)
   never output > 0 across the window or a validation pass (warning only): they sit on the
   negative side, which still passes a gradient.
-- ``saturated``: more than 30% of outputs on a shoulder where the activation's slope is below
-  20% of its peak (tanh ``|y| >= 0.894``, sigmoid ``y <= 0.053`` or ``>= 0.947``, ReLU6 ``y = 6``).
+- ``saturated``: more than 50% of outputs on a shoulder where the activation's slope is below
+  20% of its peak (tanh ``|y| >= 0.894``, sigmoid ``y <= 0.053`` or ``>= 0.947``, ReLU6 ``y = 6``):
+  most of the layer passes back less than a fifth of its gradient. Well-trained tanh and sigmoid
+  layers (an MLP at loss 0.001, a tanh RNN) push 30-39% of their outputs onto a shoulder as they
+  grow confident; layers saturated by a large init or learning rate read 52-100%.
 - ``vanishing_gradient``: gradient norm below ``1/100`` of the gradient norm reaching the
   output-side monitored layer. Relative, so a converged network (every gradient small together)
   stays healthy and the loss scale cancels; on norms rather than per-element stds, so a wide layer

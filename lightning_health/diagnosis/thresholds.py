@@ -42,7 +42,7 @@ class Thresholds:
 
     dead_warning: float = 0.2
     dead_critical: float = 0.5
-    saturation: float = 0.3
+    saturation: float = 0.5
     inactive_warning: float = 0.5
     vanishing_grad_std: float | None = None
     vanishing_ratio: float = 1e-2
