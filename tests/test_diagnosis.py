@@ -141,3 +141,31 @@ def test_one_sharp_head_is_learning_a_one_hot_layer_is_a_finding():
     found, _ = evaluate(10, collapsed, t)
     assert {f.kind for f in found} == {"entropy_collapse", "logit_growth"}
     assert "4000x its lowest reading" in next(f.message for f in found if f.kind == "logit_growth")
+
+
+def test_exploding_is_sustained_growth_past_the_usual_level_and_a_gate_opening_is_not_vanishing():
+    from lightning_health.diagnosis import GradBaseline
+
+    t = Thresholds()
+
+    def run(curve, layer="a", out=None):
+        baseline, kinds = GradBaseline(t.baseline_samples), []
+        for step, g in enumerate(curve):
+            readings = {layer: {"grad_std": g, "grad_norm": g}}
+            if out is not None:
+                readings["out"] = {"grad_std": out, "grad_norm": out}
+            found, _ = evaluate(step, readings, t, baseline=baseline, output_layer="out" if out else None)
+            kinds.append({f.kind for f in found if f.layer == layer})
+        return kinds
+
+    spike = run([1e-3] * 10 + [0.2] + [1e-3] * 5)  # one batch 200x: a spike, not an explosion
+    assert not any(spike)
+    sustained = run([1e-3] * 10 + [0.2, 0.2])
+    assert sustained[-2:] == [set(), {"exploding_gradient"}]
+    assert run([1e-3, 1e-3, 20.0])[-1] == {"exploding_gradient"}  # 2e4x at once needs no second reading
+    # exactly 0 at the first reading: a gate initialised at 0; small while it opens is by design ...
+    opening = run([0.0, 1e-5, 1e-4, 5e-3, 1e-2, 1e-2], out=1e-2)
+    assert not any(opening)
+    # ... but once open, falling back below 1/100 of the output side is vanishing
+    assert run([0.0, 1e-5, 1e-2, 1e-5], out=1e-2)[-1] == {"vanishing_gradient"}
+    assert run([1e-6, 1e-6], out=1e-2)[0] == {"vanishing_gradient"}  # small, not 0, at init: judged at once

@@ -100,14 +100,36 @@ class ResBlock(nn.Module):
         return self.relu2(x + self.bn2(self.conv2(h)))
 
 
-def digits_cnn(optim: Optim | None = None) -> tuple[Task, DataLoader]:
+def digits_cnn(optim: Optim | None = None, zero_init_residual: bool = False) -> tuple[Task, DataLoader]:
+    """``zero_init_residual``: each block's last BatchNorm starts at gamma 0, as torchvision's option of that name."""
     torch.manual_seed(0)
     x, y = digits(images=True)
     net = nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
         ResBlock(16), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
     )  # fmt: skip
+    if zero_init_residual:
+        nn.init.zeros_(net[3].bn2.weight)
     return Task(net, nn.functional.cross_entropy, optim or sgd()), _loader(x, y)
+
+
+class ReZeroBlock(nn.Module):
+    """``x + alpha * f(x)`` with ``alpha`` initialised at 0 (Bachlechner et al., 2020, ReZero)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(d, 4 * d), nn.ReLU(), nn.Linear(4 * d, d))
+        self.alpha = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.alpha * self.f(x)
+
+
+def rezero_mlp() -> tuple[Task, DataLoader]:
+    torch.manual_seed(0)
+    x, y = digits()
+    net = nn.Sequential(nn.Linear(64, 64), *[ReZeroBlock(64) for _ in range(4)], nn.Linear(64, 10))
+    return Task(net, nn.functional.cross_entropy, adam()), _loader(x, y)
 
 
 def _sequences(n: int = 512, length: int = 12, vocab: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ class Context:
     baseline: GradBaseline | None = None
     reference_grad_norm: float | None = None
     previous: Mapping[str, str] = dataclasses.field(default_factory=dict)  # layer -> the one before it
-    gain_baseline: GradBaseline | None = None  # each stretch's early-run grad_gain
+    gain_baseline: GradBaseline | None = None  # each stretch's usual grad_gain
     gradient_layers: frozenset[str] = frozenset()  # layers with a vanishing/exploding hit at this step
     heads: frozenset[str] = frozenset()  # the model's output layers (capture/heads.py)
 

@@ -73,6 +73,8 @@ class UpdateWindow:
         self.size = size
         self._ratios: dict[str, deque[float]] = {}
         self._zero_at: dict[str, int] = {}  # module -> the step its weights were all zero at
+        self._gated_at: dict[str, int] = {}  # module -> the step of its first reading, when its gradient was exactly 0
+        self._graded: set[str] = set()  # modules with a gradient reading so far
 
     def add(
         self, readings: Mapping[str, Mapping[str, float]], skipped: bool = False, step: int = 0
@@ -94,6 +96,11 @@ class UpdateWindow:
             norm = r.get("param_norm")
             if norm is not None and norm == 0 and name not in self._zero_at:
                 self._zero_at[name] = step
+            grad = r.get("param_grad_norm")
+            if grad is not None and name not in self._graded:
+                self._graded.add(name)
+                if grad == 0:
+                    self._gated_at[name] = step
         if not skipped:
             for name, r in readings.items():
                 ratio, grad = r.get("update_ratio"), r.get("param_grad_norm")
@@ -118,11 +125,18 @@ class UpdateWindow:
                 stats["update_ratio_others"] = statistics.median(others)
             if name in self._zero_at:
                 stats["update_steps_from_zero"] = float(step - self._zero_at[name])
+            if name in self._gated_at:
+                stats["update_steps_from_gate"] = float(step - self._gated_at[name])
             out[name] = stats
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ratios": {name: list(values) for name, values in self._ratios.items()}, "zero_at": dict(self._zero_at)}
+        return {
+            "ratios": {name: list(values) for name, values in self._ratios.items()},
+            "zero_at": dict(self._zero_at),
+            "gated_at": dict(self._gated_at),
+            "graded": sorted(self._graded),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         ratios = state.get("ratios")
@@ -132,3 +146,6 @@ class UpdateWindow:
             zero_at = state.get("zero_at", {})
         self._ratios = {name: deque((float(v) for v in values), maxlen=self.size) for name, values in ratios.items()}
         self._zero_at = {str(name): int(at) for name, at in zero_at.items()}
+        gated_at = state.get("gated_at", {}) if isinstance(state.get("ratios"), Mapping) else {}
+        self._gated_at = {str(name): int(at) for name, at in gated_at.items()}
+        self._graded = set(self._ratios) | set(self._gated_at) | {str(n) for n in state.get("graded", ())}

@@ -19,13 +19,15 @@ def gradient_flow_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tupl
     if 1 / limit <= gain <= limit:
         return {"gradient_flow"}, []
     earlier = ctx.previous.get(layer)
+    if earlier is not None and ctx.baseline is not None and ctx.baseline.gated(earlier):
+        return {"gradient_flow"}, []  # the stretch into a gate initialised at 0 that has not opened yet
     base = ctx.gain_baseline.get(layer) if ctx.gain_baseline is not None else None
     moved = base is not None and (gain <= 0 or not 1 / limit <= gain / base <= limit)
     located = earlier is not None and earlier in ctx.gradient_layers
     if ctx.gain_baseline is not None and not (moved or located):
         return {"gradient_flow"}, []  # the stretch has always done this: the architecture, not a symptom
     before = earlier or "the layer before it"
-    since = f" (early in the run: {base:.3g}x)" if moved and base is not None else ""
+    since = f" (usually {base:.3g}x)" if moved and base is not None else ""
     if gain <= 0:
         message = f"no gradient gets back from {layer} to {before}: it stops entirely on the way"
     elif gain < 1:
@@ -35,10 +37,19 @@ def gradient_flow_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tupl
     return {"gradient_flow"}, [("gradient_flow", "warning", message, gain)]
 
 
+GATE_STEPS = 100
+"""Optimizer steps a module whose gradient was exactly 0 when first read (behind a weight initialised at 0:
+a BatchNorm gamma, ReZero's alpha, LoRA's B) is given before ``stalled`` judges it, as ``unstable`` gives
+a module grown from zeros ``1 / 0.1**2``: its first updates are as small as the gate is."""
+
+
 def stalled_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
     peak, others = r.get("update_ratio_max"), r.get("update_ratio_others")
     if peak is None or others is None or not r.get("update_ratio_full"):
         return set(), []
+    gate = r.get("update_steps_from_gate")
+    if gate is not None and gate < GATE_STEPS:
+        return set(), []  # its gradient was exactly 0 at first (a gate initialised at 0): give it time to open
     t = ctx.thresholds
     if peak < t.stalled_update_ratio and peak < t.stalled_ratio * others:
         scope = f"the last {ctx.window} sampled steps" if ctx.window else "the window"

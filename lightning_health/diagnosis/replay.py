@@ -30,7 +30,7 @@ def diagnose_curves(
 
     This is how ``lightning-health report`` diagnoses a finished run from its TensorBoard files.
     The output-side layer is the last one in ``layer_order`` (or in the order layers appear). The
-    early-run gradient baselines and each module's window of update ratios (``stalled``,
+    usual gradient levels and each module's window of update ratios (``stalled``,
     ``unstable``) are rebuilt from the curves in step order, exactly as the live monitor builds
     them, so the report gives the same verdicts as the run did. ``gradient_flow`` reads the logged
     ``grad_gain``; its message names the previous monitored layer in ``layer_order``.

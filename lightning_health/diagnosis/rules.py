@@ -19,9 +19,13 @@ Rules (defaults in :class:`Thresholds`, all overridable):
   output-side monitored layer. Relative, so a converged network (every gradient small together)
   stays healthy and the loss scale cancels; on norms rather than per-element stds, so a wide layer
   feeding a narrow one is not called vanishing (a fan-in-scaled Linear preserves the norm, not the
-  per-element std). ``vanishing_grad_std`` adds an absolute gate when set (off by default).
-- ``exploding_gradient``: gradient std above ``100x`` the layer's own early-run baseline
-  (critical); scale-free (see :mod:`lightning_health.diagnosis.baseline`). ``exploding_grad_std``
+  per-element std). A layer whose gradient was exactly 0 at its first reading sits behind a weight
+  initialised at 0 (a gate: BatchNorm gamma, ReZero's alpha, LoRA's B) and is judged only once its
+  gradient has cleared the line. ``vanishing_grad_std`` adds an absolute gate when set (off by default).
+- ``exploding_gradient``: gradient std above ``100x`` the layer's usual level (the median of its
+  earlier readings) at two sampled steps in a row, or ``100**2`` x at one (critical); scale-free (see
+  :mod:`lightning_health.diagnosis.baseline`). A layer behind a gate initialised at 0 is not judged
+  while it opens. ``exploding_grad_std``
   adds the old absolute threshold when set (off by default).
 - ``collapsed``: more than 50% of a layer's units constant across the batch (their std is below
   ``1e-3`` of the layer's RMS); units that are exactly 0 everywhere are left to ``dead``/dormancy.
@@ -32,12 +36,13 @@ Rules (defaults in :class:`Thresholds`, all overridable):
   the activation gradient's norm changes by more than ``flow_gain`` (10x) either way **and** that
   explains something: the layer the gradient reaches next has a vanishing or exploding finding
   (the stretch is where it starts), or the stretch's gain moved more than ``flow_gain`` x away from
-  its own early-run baseline. A stretch that has always shrunk the gradient this much (a head's
+  its own usual gain. A stretch that has always shrunk the gradient this much (a head's
   transform, a residual branch beside its skip path) is the architecture, not a finding. Read from
   :func:`~lightning_health.diagnosis.learning.depth_profile`.
 - ``stalled``: a module's update-to-weight ratio stayed below ``1e-5`` **and** below ``1/100`` of
   the other modules' over the whole window, while it did get a gradient (frozen modules and steps
-  the GradScaler skipped are not judged).
+  the GradScaler skipped are not judged; a module whose gradient was exactly 0 when first read, behind
+  a weight initialised at 0, only from 100 steps on).
 - ``unstable``: a module's update-to-weight ratio stayed above ``0.1`` over the whole window: every
   step moves its weights by a tenth of their size. A module that was all zeros when first read (a
   zero-initialised bias or projection) is judged only ``1/0.1**2 = 100`` steps later: until then its
@@ -150,9 +155,14 @@ def gradient_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set
     t = ctx.thresholds
     checked = {"exploding_gradient", "vanishing_gradient"}
     base = ctx.baseline.reference(layer, ctx.output_layer, t.baseline_floor) if ctx.baseline is not None else None
-    if base is not None and g > t.exploding_growth * base:
-        message = f"gradient std {g:.2e}, {g / base:.3g}x its early-run baseline ({base:.2e})"
-        return checked, [("exploding_gradient", "critical", message, g / base)]
+    gated = ctx.baseline is not None and ctx.baseline.gated(layer)  # opening from exactly 0 is not exploding
+    if base is not None and not gated and g > t.exploding_growth * base:
+        before = ctx.baseline.previous(layer) if ctx.baseline is not None else None
+        sustained = before is not None and before > t.exploding_growth * base  # one batch's spike is no explosion
+        if sustained or g > t.exploding_growth**2 * base:
+            when = " for two sampled steps" if sustained else ""
+            message = f"gradient std {g:.2e}, {g / base:.3g}x its usual level ({base:.2e}){when}"
+            return checked, [("exploding_gradient", "critical", message, g / base)]
     if t.exploding_grad_std is not None and g > t.exploding_grad_std:
         return checked, [("exploding_gradient", "critical", f"gradient std {g:.2e} above {t.exploding_grad_std:g}", g)]
     if layer == ctx.output_layer or layer in ctx.heads:  # the reference, or output-side of it: nothing to lose
@@ -163,8 +173,12 @@ def gradient_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set
     norm, ref_norm = r.get("grad_norm"), ctx.reference_grad_norm
     mine, ref, what = (norm, ref_norm, "norm") if norm is not None and ref_norm else (g, ctx.reference_grad_std, "std")
     if ref and mine < t.vanishing_ratio * ref:
+        if ctx.baseline is not None and ctx.baseline.gated(layer):
+            return checked, []  # behind a gate initialised at exactly 0 that has not opened yet: by design
         message = f"gradient {what} {mine:.2e}, {mine / ref:.1e}x the output-side layer's ({ref:.2e})"
         return checked, [("vanishing_gradient", "warning", message, mine / ref)]
+    if ref and ctx.baseline is not None:
+        ctx.baseline.open(layer)
     return checked, []
 
 
@@ -258,7 +272,7 @@ def evaluate(
         smooth_rectifiers: layers whose activation has a smooth off side (GELU, SiLU, ELU, ...):
             the ``inactive`` rule reads their never-positive units.
         layer_order: the monitored layers in forward order, to name both ends of a gradient-flow stretch.
-        baseline: the per-layer early-run gradient scale, updated here with these readings (the
+        baseline: the per-layer usual gradient level, updated here with these readings (the
             scale-free explosion rule is off without it; the live monitor and the replay keep one).
         gain_baseline: the same on ``grad_gain`` (metric ``"grad_gain"``): with it, ``gradient_flow``
             fires only where a stretch changed or locates a vanishing/exploding layer; without it, on

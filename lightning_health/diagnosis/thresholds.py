@@ -17,7 +17,9 @@ class Thresholds:
 
     Attributes:
         exploding_growth: ``exploding_gradient`` (critical) when a layer's gradient std exceeds this
-            many times its baseline (the median of its first ``baseline_samples`` readings).
+            many times its usual level (the median of its earlier readings, once it has
+            ``baseline_samples`` of them) at two sampled steps in a row, or ``exploding_growth**2``
+            times at one.
         baseline_floor: a layer's baseline is never taken below this fraction of the output-side
             layer's, so a layer that started vanishing is not "exploding" as it recovers.
         exploding_grad_std: also call ``exploding_gradient`` above this absolute gradient std (off by default).
@@ -33,7 +35,7 @@ class Thresholds:
         unstable_update_ratio: ``unstable`` when a module's smallest update ratio over the window is above this
             (a module grown from all zeros: only from ``1 / unstable_update_ratio**2`` steps on).
         flow_gain: ``gradient_flow`` when a stretch's gradient gain leaves ``[1/flow_gain, flow_gain]`` and
-            a vanishing/exploding gradient starts there or the gain moved ``flow_gain``x from its early-run gain.
+            a vanishing/exploding gradient starts there or the gain moved ``flow_gain``x from its usual gain.
 
     Example:
         >>> Thresholds(dead_warning=0.1).dead_critical
@@ -48,7 +50,7 @@ class Thresholds:
     vanishing_ratio: float = 1e-2
     exploding_grad_std: float | None = None
     exploding_growth: float = 100.0
-    baseline_samples: int = 5
+    baseline_samples: int = 1
     baseline_floor: float = 0.1
     collapse_std: float | None = 1e-3
     collapsed: float = 0.5
