@@ -169,3 +169,30 @@ def test_exploding_is_sustained_growth_past_the_usual_level_and_a_gate_opening_i
     # ... but once open, falling back below 1/100 of the output side is vanishing
     assert run([0.0, 1e-5, 1e-2, 1e-5], out=1e-2)[-1] == {"vanishing_gradient"}
     assert run([1e-6, 1e-6], out=1e-2)[0] == {"vanishing_gradient"}  # small, not 0, at init: judged at once
+
+
+def test_a_checkpoint_of_the_first_readings_baseline_still_loads():
+    """Checkpoints written before the usual levels hold ``{layer: [first readings]}``."""
+    from lightning_health.diagnosis import GradBaseline
+
+    restored = GradBaseline()
+    restored.load_state_dict({"a": [1.0, 2.0, 3.0]})
+    assert restored.get("a") == 2.0
+    restored.observe({"a": {"grad_std": 5.0}})
+    restored.observe({"a": {"grad_std": 7.0}})  # 5.0 joins the earlier readings, 7.0 is the latest
+    assert restored.get("a") == 2.5 and restored.previous("a") == 5.0
+    again = GradBaseline()
+    again.load_state_dict(restored.state_dict())
+    assert again.state_dict() == restored.state_dict() and again.get("a") == 2.5
+
+
+def test_the_usual_level_keeps_a_bounded_uniform_sample_of_a_long_run():
+    from lightning_health.diagnosis import GradBaseline
+    from lightning_health.diagnosis.baseline import KEEP
+
+    b = GradBaseline()
+    for step in range(1, 5001):
+        b.observe({"a": {"grad_std": float(step)}})
+    kept = b.state_dict()["seen"]["a"]
+    assert len(kept) <= KEEP + 1
+    assert abs(b.get("a") - 2500) < 100  # the median of readings 1..4999, from the thinned sample

@@ -63,6 +63,7 @@ class GradBaseline:
         self._previous: dict[str, float] = {}
         self._stride: dict[str, int] = {}  # keep every stride-th earlier reading (1 until KEEP is reached)
         self._count: dict[str, int] = {}
+        self._median: dict[str, float] = {}  # cache of median(_seen[layer]); dropped when _seen changes
         self._read: set[str] = set()  # layers with a finite reading so far
         self._gated: set[str] = set()  # first reading exactly 0 and not yet opened (see `gated`)
 
@@ -88,6 +89,7 @@ class GradBaseline:
             return
         seen = self._seen.setdefault(layer, [])
         seen.append(value)
+        self._median.pop(layer, None)
         if len(seen) > KEEP:
             del seen[1::2]
             self._stride[layer] = stride * 2
@@ -97,7 +99,9 @@ class GradBaseline:
         seen = self._seen.get(layer)
         if not seen or self._count.get(layer, 0) < self.samples:
             return None
-        return statistics.median(seen)
+        if layer not in self._median:
+            self._median[layer] = statistics.median(seen)
+        return self._median[layer]
 
     def gated(self, layer: str) -> bool:
         """Whether ``layer`` read exactly 0 at its first reading and has not opened since.
@@ -141,6 +145,7 @@ class GradBaseline:
         if "seen" not in state:  # written before the usual levels: {layer: [its first readings]}
             state = {"seen": state, "count": {layer: len(values) for layer, values in state.items()}}
         self._seen = {str(k): [float(v) for v in values] for k, values in state["seen"].items()}
+        self._median = {}
         self._latest = {str(k): float(v) for k, v in state.get("latest", {}).items()}
         self._previous = {str(k): float(v) for k, v in state.get("previous", {}).items()}
         self._stride = {str(k): int(v) for k, v in state.get("stride", {}).items()}
