@@ -25,8 +25,8 @@ from lightning_health.diagnosis.rules import evaluate
 STEPS = 60
 
 
-def _fit(task: zoo.Task, loader, steps: int = STEPS) -> HealthMonitor:
-    monitor = HealthMonitor(every_n_steps=2, verbose=False)
+def _fit(task: zoo.Task, loader, steps: int = STEPS, every: int = 2) -> HealthMonitor:
+    monitor = HealthMonitor(every_n_steps=every, verbose=False)
     trainer = pl.Trainer(
         max_steps=steps, callbacks=[monitor], logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, accelerator="cpu", devices=1,
@@ -270,14 +270,7 @@ def test_a_layer_grown_confident_by_training_is_not_saturated(case):
     Glorot & Bengio disease, where most of a layer sits there from its first readings."""
     build, steps, layer = CONFIDENT[case]
     task, loader = build()
-    monitor = HealthMonitor(every_n_steps=10, verbose=False)
-    trainer = pl.Trainer(
-        max_steps=steps, callbacks=[monitor], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, accelerator="cpu", devices=1,
-    )  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(task, loader)
+    monitor = _fit(task, loader, steps, every=10)
     assert sum(task.losses[-20:]) / 20 < 0.25 * sum(task.losses[:20]) / 20, "not a fit that learned"
     assert max(v for _, v in monitor.curves("saturation")[layer]) > 0.3  # past the old 30% line
     assert not [f for f in monitor.diagnose() if f.kind == "saturated"], monitor.diagnose()
