@@ -294,3 +294,19 @@ def test_a_healthy_run_is_judged_against_its_usual_level_not_its_first_readings(
     assert sum(task.losses[-20:]) / 20 < 0.1 * sum(task.losses[:20]) / 20, "not a fit that learned"
     raised = [(f.layer, f.kind, f.message) for f in monitor.diagnose() if f.severity in ("warning", "critical")]
     assert not raised, f"false alarm on a healthy {case}: {raised}"
+
+
+def test_a_constant_input_collapses_the_first_layer_whatever_share_of_it_died():
+    """Every example is the same image: each ReLU unit of the first layer outputs one value for the whole
+    batch. 59% of them are at exactly 0 (dead) and the other 41% constant: the layer is 100% collapsed
+    among its live units, not '41% of units'."""
+
+    class ConstantInput(zoo.Task):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return super().training_step((torch.full_like(x, 0.5), y), batch_idx)
+
+    task, loader = zoo.digits_mlp()
+    monitor = _fit(ConstantInput(task.net, task.loss_fn, zoo.adam()), loader, steps=40)
+    assert 0 < min(v for _, v in monitor.curves("dead_fraction")["net.1"]) < 0.9  # some died, some live
+    assert {"collapsed", "dead"} <= _kinds(monitor).keys() and "net.1" in _kinds(monitor)["collapsed"]

@@ -27,8 +27,9 @@ Rules (defaults in :class:`Thresholds`, all overridable):
   :mod:`lightning_health.diagnosis.baseline`). A layer behind a gate initialised at 0 is not judged
   while it opens. ``exploding_grad_std``
   adds the old absolute threshold when set (off by default).
-- ``collapsed``: more than 50% of a layer's units constant across the batch (their std is below
-  ``1e-3`` of the layer's RMS); units that are exactly 0 everywhere are left to ``dead``/dormancy.
+- ``collapsed``: more than 50% of a layer's live units constant across the batch (their std is below
+  ``1e-3`` of the layer's RMS); units that are exactly 0 everywhere are left to ``dead``/dormancy and
+  out of the share.
   Where no ``collapsed_fraction`` was read (older event files), the pooled ``act_std`` below
   ``1e-3`` is the fallback.
 - ``nonfinite``: any NaN or Inf in a layer's activations or gradients (critical).
@@ -188,7 +189,7 @@ def collapse_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set
     if share is not None:
         if share > t.collapsed:
             message = (
-                f"{pct(share)} of units constant across the batch (std below {t.collapse_unit_ratio:g} "
+                f"{pct(share)} of live units constant across the batch (std below {t.collapse_unit_ratio:g} "
                 "of the layer's RMS): they pass on no information about the input"
             )
             return {"collapsed"}, [("collapsed", "warning", message, share)]

@@ -33,7 +33,7 @@ class SegmentSums:
 
 
 class CollapseCounts:
-    """``[collapsed units, units measured]`` per layer from the synced per-unit moments of all its slots.
+    """``[collapsed units, live units measured]`` per layer from the synced per-unit moments of all its slots.
 
     The same numbers as :func:`lightning_health.readings.collapse.collapsed_units` summed over each
     layer's slots, in a fixed number of ops for all layers together.
@@ -87,9 +87,13 @@ class CollapseCounts:
         var = (squares / n_unit - mean * mean).clamp_(min=0)
         slot_squares = torch.zeros(n_slots, dtype=_WIDE, device=synced.device).index_add_(0, idx["unit_slot"], squares)
         mean_square = (slot_squares / (n_safe * idx["widths"].clamp(min=1)))[idx["unit_slot"]]
-        constant = ((squares > 0) & (var <= (ratio * ratio) * mean_square)).to(_WIDE)
-        per_slot = torch.zeros(n_slots, dtype=_WIDE, device=synced.device).index_add_(0, idx["unit_slot"], constant)
-        rows = torch.stack([per_slot * measured, measured * idx["widths"]], dim=1)
+        live = ~(squares <= 0)  # exactly 0 everywhere is dead's business, not collapse's (NaN stays: it is reported)
+        constant = (live & (var <= (ratio * ratio) * mean_square)).to(_WIDE)
+        slots = torch.zeros(2, n_slots, dtype=_WIDE, device=synced.device)
+        per_slot = slots[0].index_add_(0, idx["unit_slot"], constant)
+        live_slot = slots[1].index_add_(0, idx["unit_slot"], live.to(_WIDE))
+        share_of = torch.where(live_slot > 0, live_slot, idx["widths"])  # no live unit: 0 of all, as before
+        rows = torch.stack([per_slot * measured, measured * share_of], dim=1)
         out = torch.zeros(len(spans), 2, dtype=_WIDE, device=synced.device)
         return out.index_add_(0, idx["slot_layer"], rows)
 

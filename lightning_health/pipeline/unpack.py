@@ -25,7 +25,7 @@ class LayerReading:
     units: int = 0
     dormant_units: int | None = None  # tau-dormant over the window; None until full, or untracked
     alive_fraction: float | None = None  # share of units that fired on this sampled step (any rank)
-    collapsed_fraction: float | None = None  # share of units constant across this step's batch (collapse.py)
+    collapsed_fraction: float | None = None  # share of live units constant across this step's batch (collapse.py)
 
 
 def _slice(host: list[float], span: tuple[int, int] | None) -> list[float] | None:

@@ -106,7 +106,10 @@ def _add_shifted_sums(dev: Tensor, s1: Tensor, s2: Tensor) -> None:
 
 
 def collapsed_units(moments: Tensor, count: Tensor | float, ratio: float) -> Tensor:
-    """``[collapsed units, units measured]`` (float64, on the device) from summed :func:`unit_moments`.
+    """``[collapsed units, live units measured]`` (float64, on the device) from summed :func:`unit_moments`.
+
+    Live: not exactly 0 on every value (such a unit is `dead`, not collapsed), so a layer whose live
+    units are all constant reads 1.0 however many of its units died (a constant input does both).
 
     Args:
         moments: ``[sums..., sums_of_squares...]`` summed over batches (and ranks).
@@ -121,5 +124,8 @@ def collapsed_units(moments: Tensor, count: Tensor | float, ratio: float) -> Ten
     mean = sums / n_safe
     var = (squares / n_safe - mean * mean).clamp_(min=0)
     mean_square = squares.sum() / (n_safe * max(units, 1))
-    constant = (squares > 0) & (var <= (ratio * ratio) * mean_square)
-    return torch.stack([constant.sum().to(_WIDE) * measured, measured * units])
+    live = ~(squares <= 0)  # units at exactly 0 everywhere are left to `dead`: the share is of the others
+    constant = live & (var <= (ratio * ratio) * mean_square)
+    share_of = live.sum().to(_WIDE)
+    share_of = torch.where(share_of > 0, share_of, torch.full_like(share_of, float(units)))  # none live: 0 of all
+    return torch.stack([constant.sum().to(_WIDE) * measured, measured * share_of])
