@@ -310,3 +310,23 @@ def test_a_constant_input_collapses_the_first_layer_whatever_share_of_it_died():
     monitor = _fit(ConstantInput(task.net, task.loss_fn, zoo.adam()), loader, steps=40)
     assert 0 < min(v for _, v in monitor.curves("dead_fraction")["net.1"]) < 0.9  # some died, some live
     assert {"collapsed", "dead"} <= _kinds(monitor).keys() and "net.1" in _kinds(monitor)["collapsed"]
+
+
+def _tiny_batch_mlp(bias: float = 0.0) -> tuple[zoo.Task, object]:
+    torch.manual_seed(0)
+    x, y = zoo.digits()
+    net = zoo.mlp(nn.ReLU, (64, 256, 256, 10), bias=bias)
+    return zoo.Task(net, nn.functional.cross_entropy, zoo.adam()), zoo._loader(x, y, batch_size=2)
+
+
+def test_units_silent_on_a_few_examples_are_not_dead_units_silent_on_all_are():
+    """At batch size 2 the 4-batch window holds 8 outputs per unit: a healthy MLP reads up to ~30% of
+    its units 'never fired' there (rare features), which is no evidence of death; a layer pushed off
+    by a negative bias is silent almost everywhere and is called on the same evidence."""
+    task, loader = _tiny_batch_mlp()
+    monitor = _fit(task, loader, steps=1500, every=10)
+    assert sum(task.losses[-100:]) / 100 < 0.5
+    assert max(v for _, v in monitor.curves("dead_fraction")["net.3"]) > 0.2  # past the warning line
+    assert "dead" not in _kinds(monitor)
+    sick = _fit(*_tiny_batch_mlp(bias=-3.0), steps=40)
+    assert any(f.kind == "dead" and f.severity == "critical" for f in sick.diagnose())

@@ -4,7 +4,8 @@ Rules (defaults in :class:`Thresholds`, all overridable):
 
 - ``dead``: more than 20% of a layer's units never fired across the window (warning), more than
   50% (critical). Judged on ``dead_fraction`` during training and on ``val_dead_fraction`` after
-  a validation pass. Only for activations with a hard-zero side, probed (ReLU, ReLU6, Hardswish,
+  a validation pass; a training window with fewer than :data:`MIN_DEAD_EVIDENCE` outputs per unit
+  calls only the critical share. Only for activations with a hard-zero side, probed (ReLU, ReLU6, Hardswish,
   Hardsigmoid): there a unit gets exactly no gradient. A leaky, smooth or bounded activation's
   "never positive" unit still learns.
 - ``inactive``: more than 50% of a smooth rectifier's units (GELU, SiLU, Mish, ELU, Softplus...)
@@ -90,6 +91,14 @@ def nonfinite_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[se
     return {"nonfinite"}, [("nonfinite", "critical", "NaN/Inf values: " + ", ".join(where), value)]
 
 
+MIN_DEAD_EVIDENCE = 32
+"""Outputs per unit the dead window must hold before a share of silent units below ``dead_critical`` is a
+finding. A ReLU MLP trained healthy at batch size 2 has 23-31% of its units silent on the 8 examples of
+a 4-batch window (rare features: a unit that fires on 3% of inputs misses 8 in a row 78% of the time);
+at batch 8 (32 outputs) it reads at most 16%. A layer killed outright (most of it silent) is still
+called, critical, on any evidence."""
+
+
 def dead_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str], list[Hit]]:
     checked: set[str] = set()
     hits: list[Hit] = []
@@ -102,6 +111,10 @@ def dead_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set[str
         if dead is None or (ctx.rectifiers is not None and layer not in ctx.rectifiers) or r.get("nonfinite", 0) > 0:
             continue  # a layer full of NaN is broken, not silent: neither raise nor clear `dead`
         checked.add("dead")
+        per_unit = r.get("values_per_unit") if key == "dead_fraction" else None
+        thin = per_unit is not None and ctx.window is not None and per_unit * ctx.window < MIN_DEAD_EVIDENCE
+        if thin and dead <= t.dead_critical:
+            continue  # too few outputs per unit in the window to tell a dead unit from a rare one
         if dead > t.dead_warning:
             severity: Severity = "critical" if dead > t.dead_critical else "warning"
             count = f" ({r['dead_units']:.0f}/{r['units']:.0f})" if "dead_units" in r and "units" in r else ""

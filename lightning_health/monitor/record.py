@@ -114,6 +114,8 @@ class Record:
             snapshot[layer.name] = dict(metrics)
             if reading.dead_units is not None:
                 snapshot[layer.name].update(dead_units=reading.dead_units, units=reading.units)
+                if reading.values_per_unit is not None:  # for the rules only, not logged
+                    snapshot[layer.name]["values_per_unit"] = reading.values_per_unit
             if reading.act_hist is not None:
                 edges = host_edges[f"act:{layer.name}"]
                 histograms[f"health/activations/{layer.name}"] = Histogram(edges, tuple(reading.act_hist))

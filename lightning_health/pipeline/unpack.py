@@ -26,6 +26,7 @@ class LayerReading:
     dormant_units: int | None = None  # tau-dormant over the window; None until full, or untracked
     alive_fraction: float | None = None  # share of units that fired on this sampled step (any rank)
     collapsed_fraction: float | None = None  # share of live units constant across this step's batch (collapse.py)
+    values_per_unit: float | None = None  # this step's outputs per unit (examples x positions): dead's evidence
 
 
 def _slice(host: list[float], span: tuple[int, int] | None) -> list[float] | None:
@@ -87,6 +88,7 @@ def to_readings(
                 dormant_units=dormant if complete else None,
                 alive_fraction=alive,
                 collapsed_fraction=collapsed,
+                values_per_unit=act_host[R.A_COUNT] / units if units and act_host[R.A_COUNT] > 0 else None,
             )
         )
     return readings, blocks.at["collapse"]
