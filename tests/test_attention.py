@@ -216,3 +216,33 @@ def test_massive_outliers_built_up_over_a_long_run_are_not_a_finding_a_jump_is()
     slow = [7.0 * 1.048**i for i in range(101)]  # 7 -> ~750, 4.8% a reading
     assert slow[-1] > 100 * slow[0] and not verdict(slow)
     assert verdict([7.0] * 20 + [30.0, 300.0]) == {"massive_activation"}
+
+
+def test_an_attention_module_the_monitor_cannot_read_is_named_at_setup() -> None:
+    """GPT-NeoX's fused, partially rotary attention has no adapter: say so once, not silently read nothing."""
+    cfg = transformers.GPTNeoXConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=50
+    )
+    model = transformers.GPTNeoXForCausalLM(cfg)
+    assert TransformerCapture(model).unrecognised == ["GPTNeoXAttention"]
+    assert TransformerCapture(_gpt2()).unrecognised == []  # read: nothing to say
+    wrapped = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1,
+                                                             num_attention_heads=4, intermediate_size=64))  # fmt: skip
+    assert TransformerCapture(wrapped).unrecognised == []  # BertAttention is read through its BertSelfAttention
+
+    class Neox(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            return self.model(batch, labels=batch).loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    monitor = HealthMonitor(every_n_steps=1, verbose=False, heatmap_every_n_samples=None)
+    data = torch.utils.data.DataLoader(torch.randint(0, 50, (8, 12)), batch_size=4)
+    with pytest.warns(UserWarning, match="no attention entropy or logits from GPTNeoXAttention"):
+        pl.Trainer(max_steps=2, callbacks=[monitor], **trainer_kwargs()).fit(Neox(), data)
+    assert monitor.curves("act_std")  # every other reading is unaffected

@@ -70,6 +70,7 @@ class TransformerCapture:
             spec_heads = getattr(state.adapter, "heads", None)
             state.heads = spec_heads if isinstance(spec_heads, int) else _heads_of(state.module)
         self.attention = [s for s in self.attention if s.heads > 0]
+        self.unrecognised = _unrecognised_attention(model, {s.name for s in self.attention})
         self.blocks = [name for name, _m in find_blocks(model)]
         self._block_modules = dict(find_blocks(model))
         self._massive: dict[str, Tensor] = {}
@@ -202,6 +203,19 @@ class _PreHook:
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self.owner.armed:
             self.owner.on_attention(self.index, args, kwargs)
+
+
+def _unrecognised_attention(model: nn.Module, read: set[str]) -> list[str]:
+    """Class names of the modules named ``*Attention`` that no adapter reads, outside and around those that are
+    (a ``BertAttention`` wrapping the recognised ``BertSelfAttention`` is read through it)."""
+
+    def related(name: str) -> bool:
+        return any(name == r or name.startswith(r + ".") or r.startswith(name + ".") for r in read)
+
+    named = [n for n, m in model.named_modules() if type(m).__name__.endswith("Attention") and not related(n)]
+    innermost = [n for n in named if not any(other.startswith(n + ".") for other in named)]  # not T5's wrappers
+    modules = dict(model.named_modules())
+    return sorted({type(modules[n]).__name__ for n in innermost})
 
 
 class _BlockHook:

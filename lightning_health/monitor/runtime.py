@@ -115,7 +115,17 @@ class Runtime:
         self.transformer: TransformerCapture | None = None
         if monitor.attention:
             specs = monitor.attention if isinstance(monitor.attention, dict) else None
-            self.transformer = TransformerCapture(pl_module, specs) or None
+            found = TransformerCapture(pl_module, specs)
+            if found.unrecognised:
+                warnings.warn(
+                    f"HealthMonitor reads no attention entropy or logits from {', '.join(found.unrecognised)}: not a "
+                    "recognised attention module (nn.MultiheadAttention, GPT-2, BERT, Llama-style). Modules with "
+                    "separate query/key projections and no rotary embedding can be registered with "
+                    "`attention={name: AttentionSpec(...)}`; every other reading is unaffected.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            self.transformer = found or None
             if self.transformer is not None:
                 self.transformer.attach()
         self.amp_overflow: Tensor | None = None  # GradScaler found inf/NaN: this step is skipped
