@@ -246,3 +246,42 @@ def test_an_attention_module_the_monitor_cannot_read_is_named_at_setup() -> None
     with pytest.warns(UserWarning, match="no attention entropy or logits from GPTNeoXAttention"):
         pl.Trainer(max_steps=2, callbacks=[monitor], **trainer_kwargs()).fit(Neox(), data)
     assert monitor.curves("act_std")  # every other reading is unaffected
+
+
+_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+_SMALL.update(max_position_embeddings=32, vocab_size=64)
+# QK-norm per head (Qwen3, Gemma3) or across heads (OLMo2), partial rotary (Phi), soft-capped scores (Gemma 2)
+_NORMED = {
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(head_dim=16, num_key_value_heads=2)),
+    "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", dict(num_key_value_heads=2)),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(head_dim=16, num_key_value_heads=2)),
+    "phi": ("PhiForCausalLM", "PhiConfig", {}),
+    "phi_qk_layernorm": ("PhiForCausalLM", "PhiConfig", dict(qk_layernorm=True)),
+    "gemma2_softcap": ("Gemma2ForCausalLM", "Gemma2Config", dict(head_dim=16, attn_logit_softcapping=1.0)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_NORMED))
+def test_llama_style_variants_match_eager_attention(family: str) -> None:
+    """The scores as the module computes them: its QK-norm, partial rotary and logit soft-capping included
+    (without them Qwen3's entropy read 1.14 nats where the model attends with 0.29)."""
+    model_cls, config_cls, extra = _NORMED[family]
+    if not hasattr(transformers, model_cls):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_cls}")
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**_SMALL, **extra)
+    config._attn_implementation = "eager"
+    model = getattr(transformers, model_cls)(config).eval()
+    for p in model.parameters():  # larger weights than the init, so the heads differ from uniform
+        p.data.mul_(3.0)
+    if "softcap" in family:  # scores well past the cap of 1, where tanh bends them
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.data.mul_(20.0)
+    ids = torch.randint(0, 64, (2, 16))
+    got = _read(model, ids)
+    with torch.no_grad():
+        probs = model(ids, output_attentions=True).attentions
+    ours = [m["attn_entropy"] for m in got.metrics.values() if "attn_entropy" in m]
+    reference = [(-(a * a.clamp_min(1e-30).log()).sum(-1)).mean().item() for a in probs]
+    assert len(ours) == len(reference) == 2
+    assert ours == pytest.approx(reference, rel=1e-4)

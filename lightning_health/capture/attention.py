@@ -55,6 +55,7 @@ class Scores:
     scaling: float
     mask: Tensor | None = None  # bool (True = may attend) or additive float, broadcastable to (B, H, L, S)
     causal: bool = False
+    softcap: float | None = None  # scores capped as cap * tanh(s / cap) before the softmax (Gemma 2)
 
 
 Adapter = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], Scores | None]
@@ -147,24 +148,53 @@ def bert_adapter(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     return Scores(q, k, scaling, mask, bool(getattr(module, "is_causal", False)) and mask is None)
 
 
+def _qk_norm(module: Any, which: str) -> Any:
+    """The module's QK-norm for ``which`` ("q" or "k"): ``q_norm`` (Qwen3, OLMo2, Gemma3), ``q_layernorm`` (Phi)."""
+    for name in (f"{which}_norm", f"{which}_layernorm"):
+        norm = getattr(module, name, None)
+        if callable(norm):
+            return norm
+    return None
+
+
+def _project(module: Any, which: str, x: Tensor, d: int) -> Tensor:
+    """``(B, heads, L, d)`` queries or keys as the module computes them, its QK-norm included: over all
+    heads at once before the split (OLMo2) or over each head's ``d`` values (Qwen3, Gemma3, Phi)."""
+    y = getattr(module, f"{which}_proj")(x)
+    norm = _qk_norm(module, which)
+    weight = getattr(norm, "weight", None)
+    if norm is not None and isinstance(weight, Tensor) and weight.shape[-1] == y.shape[-1] != d:
+        y, norm = norm(y), None  # normalised across heads
+    y = y.view(*x.shape[:-1], -1, d)
+    return (norm(y) if norm is not None else y).transpose(1, 2)
+
+
+def _rotate(rotary: Any, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotary embedding on the first ``cos.shape[-1]`` dims of each head, the rest passed (Phi's partial rotary)."""
+    r = cos.shape[-1]
+    if r >= q.shape[-1]:
+        return rotary(q, k, cos, sin)  # type: ignore[no-any-return]
+    q_rot, k_rot = rotary(q[..., :r], k[..., :r], cos, sin)
+    return torch.cat([q_rot, q[..., r:]], dim=-1), torch.cat([k_rot, k[..., r:]], dim=-1)
+
+
 def llama_adapter(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Scores | None:
     x = _first_arg(args, kwargs, "hidden_states")
     position = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
     if x is None:
         return None
     d = module.head_dim
-    q = module.q_proj(x).view(*x.shape[:-1], -1, d).transpose(1, 2)
-    k = module.k_proj(x).view(*x.shape[:-1], -1, d).transpose(1, 2)
+    q, k = _project(module, "q", x, d), _project(module, "k", x, d)
     if isinstance(position, (tuple, list)) and len(position) == 2:
         rotary = getattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb", None)
         if rotary is None:
             return None  # a rotary model whose rotation we cannot reproduce: read nothing rather than wrong
-        q, k = rotary(q, k, position[0], position[1])
+        q, k = _rotate(rotary, q, k, position[0], position[1])
     mask = _hf_mask(kwargs)
     scaling = float(getattr(module, "scaling", d**-0.5))
-    return Scores(
-        q, _repeat_kv(k, q.shape[1]), scaling, mask, bool(getattr(module, "is_causal", True)) and mask is None
-    )
+    cap = getattr(module, "attn_logit_softcapping", None)
+    causal = bool(getattr(module, "is_causal", True)) and mask is None
+    return Scores(q, _repeat_kv(k, q.shape[1]), scaling, mask, causal, float(cap) if cap else None)
 
 
 def _as_additive(mask: Tensor, disallow_when: bool = True) -> Tensor:

@@ -114,7 +114,7 @@ class TransformerCapture:
                 if scores is None or scores.q.shape[1] != state.heads:
                     return
                 ent, rows, top = attention_totals(
-                    scores.q, scores.k, scores.scaling, mask=scores.mask, causal=scores.causal
+                    scores.q, scores.k, scores.scaling, mask=scores.mask, causal=scores.causal, softcap=scores.softcap
                 )
         except Exception as err:  # a model we misread is a warning, never a crash of the user's run
             self._broken.add(state.name)

@@ -54,6 +54,7 @@ def attention_totals(
     mask: Tensor | None = None,
     causal: bool = False,
     chunk_elements: int = CHUNK_ELEMENTS,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-head attention entropy totals and logit maxima, recomputed from queries and keys.
 
@@ -64,6 +65,8 @@ def attention_totals(
         mask: optional, broadcastable to ``(B, H, L, S)``; see :func:`_allowed_and_bias`.
         causal: query ``i`` may attend to keys ``j <= i + S - L`` only.
         chunk_elements: scores materialised at once (queries per chunk = this / (B*H*S)).
+        softcap: scores become ``softcap * tanh(s / softcap)`` before the softmax (Gemma 2's logit
+            soft-capping); the logit maximum is then the capped one, what the softmax sees.
 
     Returns:
         ``(entropy_sum, rows, logit_max)``, each ``(H,)``: float64 sums over batch and query
@@ -90,6 +93,8 @@ def attention_totals(
         for start in range(0, length, step):
             stop = min(length, start + step)
             scores = torch.matmul(q[:, :, start:stop], kt).mul_(scaling)  # (B, H, c, S)
+            if softcap:
+                scores = scores.div_(softcap).tanh_().mul_(softcap)
             allowed, bias = _allowed_and_bias(mask, slice(start, stop))
             if causal:
                 i = torch.arange(start, stop, device=q.device).unsqueeze(-1) + (keys - length)
