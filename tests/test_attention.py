@@ -219,33 +219,67 @@ def test_massive_outliers_built_up_over_a_long_run_are_not_a_finding_a_jump_is()
 
 
 def test_an_attention_module_the_monitor_cannot_read_is_named_at_setup() -> None:
-    """GPT-NeoX's fused, partially rotary attention has no adapter: say so once, not silently read nothing."""
-    cfg = transformers.GPTNeoXConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=50
-    )
-    model = transformers.GPTNeoXForCausalLM(cfg)
-    assert TransformerCapture(model).unrecognised == ["GPTNeoXAttention"]
-    assert TransformerCapture(_gpt2()).unrecognised == []  # read: nothing to say
-    wrapped = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1,
-                                                             num_attention_heads=4, intermediate_size=64))  # fmt: skip
-    assert TransformerCapture(wrapped).unrecognised == []  # BertAttention is read through its BertSelfAttention
+    """An attention module no adapter knows is named once at set-up, not silently read as nothing."""
 
-    class Neox(pl.LightningModule):
+    class ToyAttention(nn.Module):  # its own projection names: nothing to recognise it by
         def __init__(self) -> None:
             super().__init__()
-            self.model = model
+            self.wqkv = nn.Linear(16, 48)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self.wqkv(x).chunk(3, dim=-1)
+            return torch.softmax(q @ k.transpose(1, 2) / 4.0, dim=-1) @ v
+
+    class Toy(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.attn = nn.Embedding(50, 16), ToyAttention()
+            self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 50))
 
         def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-            return self.model(batch, labels=batch).loss
+            logits = self.mlp(self.attn(self.embed(batch)))
+            return nn.functional.cross_entropy(logits.reshape(-1, 50), batch.reshape(-1))
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.Adam(self.parameters(), lr=1e-3)
 
+    assert TransformerCapture(Toy()).unrecognised == ["ToyAttention"]
+    assert TransformerCapture(_gpt2()).unrecognised == []  # read: nothing to say
+    wrapped = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1,
+                                                             num_attention_heads=4, intermediate_size=64))  # fmt: skip
+    assert TransformerCapture(wrapped).unrecognised == []  # BertAttention is read through its BertSelfAttention
     monitor = HealthMonitor(every_n_steps=1, verbose=False, heatmap_every_n_samples=None)
     data = torch.utils.data.DataLoader(torch.randint(0, 50, (8, 12)), batch_size=4)
-    with pytest.warns(UserWarning, match="no attention entropy or logits from GPTNeoXAttention"):
-        pl.Trainer(max_steps=2, callbacks=[monitor], **trainer_kwargs()).fit(Neox(), data)
+    with pytest.warns(UserWarning, match="no attention entropy or logits from ToyAttention"):
+        pl.Trainer(max_steps=2, callbacks=[monitor], **trainer_kwargs()).fit(Toy(), data)
     assert monitor.curves("act_std")  # every other reading is unaffected
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "distilbert"])
+def test_fused_qkv_and_q_lin_attention_match_eager(family: str) -> None:
+    """GPT-NeoX (Pythia): per-head [q | k | v] in one projection, partial rotary; DistilBERT: q_lin/k_lin, padded."""
+    torch.manual_seed(0)
+    if family == "gpt_neox":
+        config = transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, vocab_size=64, rotary_pct=0.25)  # fmt: skip
+        model_cls, kwargs = transformers.GPTNeoXForCausalLM, {}
+    else:
+        config = transformers.DistilBertConfig(dim=64, hidden_dim=128, n_layers=2, n_heads=4,
+                                               max_position_embeddings=32, vocab_size=64)  # fmt: skip
+        mask = torch.ones(2, 16, dtype=torch.long)
+        mask[1, 10:] = 0
+        model_cls, kwargs = transformers.DistilBertForMaskedLM, {"attention_mask": mask}
+    config._attn_implementation = "eager"
+    model = model_cls(config).eval()
+    for p in model.parameters():
+        p.data.mul_(3.0)
+    ids = torch.randint(0, 64, (2, 16))
+    got = _read(model, ids, **kwargs)
+    with torch.no_grad():
+        probs = model(ids, output_attentions=True, **kwargs).attentions
+    ours = [m["attn_entropy"] for m in got.metrics.values() if "attn_entropy" in m]
+    reference = [(-(a * a.clamp_min(1e-30).log()).sum(-1)).mean().item() for a in probs]
+    assert len(ours) == 2 and ours == pytest.approx(reference, rel=1e-4)
 
 
 _SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)

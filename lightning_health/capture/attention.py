@@ -197,6 +197,39 @@ def llama_adapter(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     return Scores(q, _repeat_kv(k, q.shape[1]), scaling, mask, causal, float(cap) if cap else None)
 
 
+def _rotary_of(module: Any, position: Any, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``q, k`` through the module's own rotary embedding (``None``: a rotation we cannot reproduce)."""
+    if not (isinstance(position, (tuple, list)) and len(position) == 2):
+        return q, k
+    rotary = getattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb", None)
+    return None if rotary is None else _rotate(rotary, q, k, position[0], position[1])
+
+
+def neox_adapter(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Scores | None:
+    """GPT-NeoX (Pythia): one ``query_key_value`` projection laid out per head as ``[q | k | v]``, partial rotary."""
+    x = _first_arg(args, kwargs, "hidden_states")
+    if x is None:
+        return None
+    d = module.head_size
+    q, k, _v = module.query_key_value(x).view(*x.shape[:-1], -1, 3 * d).transpose(1, 2).chunk(3, dim=-1)
+    rotated = _rotary_of(module, kwargs.get("position_embeddings"), q, k)
+    if rotated is None:
+        return None
+    mask = _hf_mask(kwargs)
+    return Scores(*rotated, float(module.scaling), mask, bool(getattr(module, "is_causal", True)) and mask is None)
+
+
+def distilbert_adapter(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Scores | None:
+    """DistilBERT: ``q_lin``/``k_lin`` projections, bidirectional."""
+    x = _first_arg(args, kwargs, "hidden_states")
+    if x is None:
+        return None
+    d = module.attention_head_size
+    q = module.q_lin(x).view(*x.shape[:-1], -1, d).transpose(1, 2)
+    k = module.k_lin(x).view(*x.shape[:-1], -1, d).transpose(1, 2)
+    return Scores(q, k, float(getattr(module, "scaling", d**-0.5)), _hf_mask(kwargs), False)
+
+
 def _as_additive(mask: Tensor, disallow_when: bool = True) -> Tensor:
     """torch's bool masks say True = may NOT attend; turn them (or float ones) into additive float."""
     if mask.dtype == torch.bool:
@@ -251,6 +284,10 @@ def recognise(module: nn.Module) -> Adapter | None:
         return bert_adapter
     if has("q_proj", "k_proj", "head_dim") and type(module).__name__.endswith("Attention"):
         return llama_adapter
+    if has("query_key_value", "head_size", "rotary_ndims", "scaling"):
+        return neox_adapter
+    if has("q_lin", "k_lin", "attention_head_size"):
+        return distilbert_adapter
     return None
 
 
