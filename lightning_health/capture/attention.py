@@ -178,31 +178,29 @@ def _rotate(rotary: Any, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tupl
     return torch.cat([q_rot, q[..., r:]], dim=-1), torch.cat([k_rot, k[..., r:]], dim=-1)
 
 
-def llama_adapter(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Scores | None:
-    x = _first_arg(args, kwargs, "hidden_states")
-    position = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
-    if x is None:
-        return None
-    d = module.head_dim
-    q, k = _project(module, "q", x, d), _project(module, "k", x, d)
-    if isinstance(position, (tuple, list)) and len(position) == 2:
-        rotary = getattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb", None)
-        if rotary is None:
-            return None  # a rotary model whose rotation we cannot reproduce: read nothing rather than wrong
-        q, k = _rotate(rotary, q, k, position[0], position[1])
-    mask = _hf_mask(kwargs)
-    scaling = float(getattr(module, "scaling", d**-0.5))
-    cap = getattr(module, "attn_logit_softcapping", None)
-    causal = bool(getattr(module, "is_causal", True)) and mask is None
-    return Scores(q, _repeat_kv(k, q.shape[1]), scaling, mask, causal, float(cap) if cap else None)
-
-
 def _rotary_of(module: Any, position: Any, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor] | None:
     """``q, k`` through the module's own rotary embedding (``None``: a rotation we cannot reproduce)."""
     if not (isinstance(position, (tuple, list)) and len(position) == 2):
         return q, k
     rotary = getattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb", None)
     return None if rotary is None else _rotate(rotary, q, k, position[0], position[1])
+
+
+def llama_adapter(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Scores | None:
+    x = _first_arg(args, kwargs, "hidden_states")
+    position = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
+    if x is None:
+        return None
+    d = module.head_dim
+    rotated = _rotary_of(module, position, _project(module, "q", x, d), _project(module, "k", x, d))
+    if rotated is None:
+        return None  # a rotary model whose rotation we cannot reproduce: read nothing rather than wrong
+    q, k = rotated
+    mask = _hf_mask(kwargs)
+    scaling = float(getattr(module, "scaling", d**-0.5))
+    cap = getattr(module, "attn_logit_softcapping", None)
+    causal = bool(getattr(module, "is_causal", True)) and mask is None
+    return Scores(q, _repeat_kv(k, q.shape[1]), scaling, mask, causal, float(cap) if cap else None)
 
 
 def neox_adapter(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Scores | None:

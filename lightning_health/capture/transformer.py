@@ -212,10 +212,10 @@ def _unrecognised_attention(model: nn.Module, read: set[str]) -> list[str]:
     def related(name: str) -> bool:
         return any(name == r or name.startswith(r + ".") or r.startswith(name + ".") for r in read)
 
-    named = [n for n, m in model.named_modules() if type(m).__name__.endswith("Attention") and not related(n)]
-    innermost = [n for n in named if not any(other.startswith(n + ".") for other in named)]  # not T5's wrappers
-    modules = dict(model.named_modules())
-    return sorted({type(modules[n]).__name__ for n in innermost})
+    named = {n: m for n, m in model.named_modules() if type(m).__name__.endswith("Attention") and not related(n)}
+    # the innermost only: T5's T5LayerSelfAttention wraps the T5Attention that does the work
+    innermost = [m for n, m in named.items() if not any(other.startswith(n + ".") for other in named)]
+    return sorted({type(m).__name__ for m in innermost})
 
 
 class _BlockHook:

@@ -187,7 +187,7 @@ def gradient_rule(layer: str, r: Mapping[str, float], ctx: Context) -> tuple[set
     norm, ref_norm = r.get("grad_norm"), ctx.reference_grad_norm
     mine, ref, what = (norm, ref_norm, "norm") if norm is not None and ref_norm else (g, ctx.reference_grad_std, "std")
     if ref and mine < t.vanishing_ratio * ref:
-        if ctx.baseline is not None and ctx.baseline.gated(layer):
+        if gated:
             return checked, []  # behind a gate initialised at exactly 0 that has not opened yet: by design
         message = f"gradient {what} {mine:.2e}, {mine / ref:.1e}x the output-side layer's ({ref:.2e})"
         return checked, [("vanishing_gradient", "warning", message, mine / ref)]
