@@ -119,9 +119,9 @@ class Runtime:
             if found.unrecognised:
                 warnings.warn(
                     f"HealthMonitor reads no attention entropy or logits from {', '.join(found.unrecognised)}: not a "
-                    "recognised attention module (nn.MultiheadAttention, GPT-2, BERT, Llama-style). Modules with "
-                    "separate query/key projections and no rotary embedding can be registered with "
-                    "`attention={name: AttentionSpec(...)}`; every other reading is unaffected.",
+                    "recognised attention module (nn.MultiheadAttention, GPT-2, BERT, Llama-style, GPT-NeoX, "
+                    "DistilBERT). Modules with separate query/key projections and no rotary embedding can be "
+                    "registered with `attention={name: AttentionSpec(...)}`; every other reading is unaffected.",
                     UserWarning,
                     stacklevel=3,
                 )
