@@ -9,6 +9,7 @@ from torch import Tensor
 
 from lightning_health.capture.sharding import local_tensor
 from lightning_health.pipeline.sync import full_where_partial, replica_weight, sum_across_ranks, world_size
+from lightning_health.readings.update import tensor_squares
 
 
 def layer_param_groups(modules: Sequence[tuple[str, torch.nn.Module]]) -> list[tuple[str, list[torch.nn.Parameter]]]:
@@ -24,9 +25,10 @@ def layer_param_groups(modules: Sequence[tuple[str, torch.nn.Module]]) -> list[t
 class ParamGradNorms:
     """L2 norm of each module's parameter gradients, in one batched pass.
 
-    One ``_foreach_norm`` over every gradient and one segment sum replace a handful of small ops per
-    module. The segment index lives on the device and is rebuilt only when the set of parameters
-    with a gradient changes (building it is a host-to-device copy).
+    One batched sum of squares over every gradient
+    (:func:`~lightning_health.readings.update.tensor_squares`) and one segment sum replace a handful
+    of small ops per module. The segment index lives on the device and is rebuilt only when the set
+    of parameters with a gradient changes (building it is a host-to-device copy).
 
     Sharded parameters (DTensor, from FSDP2's ``fully_shard`` or tensor parallel): each rank squares
     its local shards, weighted so that a shard held by several ranks counts once
@@ -60,7 +62,7 @@ class ParamGradNorms:
             if self._index is None or self._index[0] != key or self._index[1].device != device:
                 scale = torch.tensor(weights, dtype=torch.float64, device=device) if self.sharded else None
                 self._index = (key, torch.tensor(owners, dtype=torch.long, device=device), scale)
-            squares = torch.stack(torch._foreach_norm(grads)).to(torch.float64).square()
+            squares = tensor_squares(grads)
             if self._index[2] is not None:  # sharded: each piece of a gradient counted once over the world
                 squares = squares * self._index[2]
             out.index_add_(0, self._index[1], squares)
