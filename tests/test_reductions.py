@@ -52,6 +52,34 @@ def test_a_collapsed_layer_keeps_a_precise_std():
     assert d["act_std"] == pytest.approx(x.double().std().item(), rel=1e-3)
 
 
+@pytest.mark.parametrize(
+    "shape,dim",
+    [((256, 1024), -1), ((5000, 64), -1), ((4, 600, 32), -1), ((8, 16, 9, 9), 1), ((3, 7), 0), ((1, 5), -1)],
+)
+def test_unit_moments_match_float64_and_keep_a_near_constant_unit_precise(shape, dim):
+    """Per-unit sums within 1e-5 of float64 (the 5000-row case spans several statistics calls), and a
+    unit stuck at 5 +- 1e-4 keeps its std: the collapse reading compares it with the layer's RMS."""
+    from lightning_health.readings.collapse import unit_moments
+
+    g = torch.Generator().manual_seed(11)
+    y = torch.nn.functional.gelu(torch.randn(*shape, generator=g) * 2)
+    axis = dim % y.dim()
+    stuck = [slice(None)] * y.dim()
+    stuck[axis] = 0
+    y[tuple(stuck)] = 5.0 + 1e-4 * torch.randn(y[tuple(stuck)].shape, generator=g)
+    x = y.double().numpy()
+    other = tuple(d for d in range(x.ndim) if d != axis)
+    sums, squares = x.sum(axis=other), np.square(x).sum(axis=other)
+    m = unit_moments(y, dim).numpy()
+    units = y.shape[axis]
+    np.testing.assert_allclose(m[:units], sums, rtol=1e-5, atol=1e-5 * np.abs(x).sum(axis=other).max())
+    np.testing.assert_allclose(m[units:], squares, rtol=1e-5)
+    n = x.size / units
+    if n >= 2:
+        var = m[units] / n - (m[0] / n) ** 2
+        assert var == pytest.approx(x.var(axis=other)[0], rel=1e-2)
+
+
 def test_scratch_buffer_is_reused_and_gives_the_same_totals():
     scratch = R.Scratch()
     x = torch.randn(100, 7)
