@@ -4,7 +4,8 @@ A deep net's sampled step paid ~1 ms per monitored layer at the step end whateve
 size (issue 17.6): each layer summed its dead mask, its fired mask and its collapse reading with
 a handful of tiny device ops. Here the per-layer pieces are concatenated once and reduced by
 segment (``index_add_``) with an index built once per layout and kept on the device (building it
-is a host-to-device copy, so it is not rebuilt per step).
+is a host-to-device copy, so it is not rebuilt per step). Gathers are ``index_select``: on a CPU
+advanced indexing with the same index costs about twice as much.
 """
 
 from __future__ import annotations
@@ -78,15 +79,15 @@ class CollapseCounts:
             self._key = key
         idx = self._idx
         n_slots = idx["counts"].numel()
-        sums, squares = synced[idx["sums"]], synced[idx["squares"]]
-        n = synced[idx["counts"]]
+        sums, squares = synced.index_select(0, idx["sums"]), synced.index_select(0, idx["squares"])
+        n = synced.index_select(0, idx["counts"])
         measured = (n >= 2).to(_WIDE)
         n_safe = n.clamp(min=1)
-        n_unit = n_safe[idx["unit_slot"]]
+        n_unit = n_safe.index_select(0, idx["unit_slot"])
         mean = sums / n_unit
         var = (squares / n_unit - mean * mean).clamp_(min=0)
         slot_squares = torch.zeros(n_slots, dtype=_WIDE, device=synced.device).index_add_(0, idx["unit_slot"], squares)
-        mean_square = (slot_squares / (n_safe * idx["widths"].clamp(min=1)))[idx["unit_slot"]]
+        mean_square = (slot_squares / (n_safe * idx["widths"].clamp(min=1))).index_select(0, idx["unit_slot"])
         live = ~(squares <= 0)  # exactly 0 everywhere is dead's business, not collapse's (NaN stays: it is reported)
         constant = (live & (var <= (ratio * ratio) * mean_square)).to(_WIDE)
         slots = torch.zeros(2, n_slots, dtype=_WIDE, device=synced.device)
@@ -120,12 +121,12 @@ class DormantCounts:
         unit_slot = self._index[1]
         sums = torch.cat([s for s, _c in windows], dim=1).sum(dim=0).to(_WIDE)
         counts = torch.stack([c for _s, c in windows]).sum(dim=1).to(_WIDE)
-        means = sums / counts[unit_slot]
+        means = sums / counts.index_select(0, unit_slot)
         finite = torch.isfinite(means)
         safe = torch.where(finite, means, torch.zeros_like(means))
         n_finite = torch.zeros(len(key), dtype=_WIDE, device=device).index_add_(0, unit_slot, finite.to(_WIDE))
         total = torch.zeros(len(key), dtype=_WIDE, device=device).index_add_(0, unit_slot, safe)
-        layer_mean = (total / n_finite.clamp(min=1))[unit_slot]
+        layer_mean = (total / n_finite.clamp(min=1)).index_select(0, unit_slot)
         scores = torch.where(layer_mean > 0, means / layer_mean, torch.zeros_like(means))
         dormant = (finite & (scores <= tau)).to(_WIDE)  # a NaN score is never dormant
         return torch.zeros(len(key), dtype=_WIDE, device=device).index_add_(0, unit_slot, dormant)
