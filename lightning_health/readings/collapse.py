@@ -39,10 +39,11 @@ def unit_moments(x: Tensor, neuron_dim: int = -1, scratch: Tensor | None = None)
     Units on the last axis (a linear layer's features, a transformer's hidden units) take one
     batch-norm statistics pass per :data:`_ROWS` rows: each unit's mean and its variance about that
     mean, from which the float64 sums follow. Units with positions after them (conv channels) are
-    shifted by each unit's first value and summed in float32 over at most :data:`_BLOCK` values (a
-    row of positions, or a block of examples), those partials widened and added in float64. Either
-    way a unit stuck at a large constant keeps a precise std (no ``E[x^2] - E[x]^2`` of float32
-    sums), and the sums are within ~2e-6 relative of float64.
+    summed in float32 along each row of positions and added in float64; on a CPU only the units too
+    close to constant for that (none in a healthy layer) are read again, shifted by each unit's first
+    value, which is how every unit is read on an accelerator (no host read there). Either way a unit
+    stuck at a large constant keeps a precise std (no ``E[x^2] - E[x]^2`` of float32 sums), and the
+    sums are within ~2e-6 relative of float64.
 
     Args:
         x: the module output, any floating dtype (half is widened to float32 first).
@@ -73,17 +74,52 @@ def unit_moments(x: Tensor, neuron_dim: int = -1, scratch: Tensor | None = None)
     if post == 1:  # units on the contiguous last axis (features, tokens x features)
         return _row_moments(x.reshape(pre, units))
     rows = x.reshape(pre, units, post)
+    if x.device.type == "cpu":  # a host read decides which units need the shifted pass (free on a CPU)
+        return _position_moments(rows, scratch)
+    return _shifted_moments(rows, scratch)
+
+
+def _shifted_moments(rows: Tensor, scratch: Tensor | None) -> Tensor:
+    """:func:`unit_moments` of ``(examples, units, positions)``, each unit shifted by its first value."""
+    pre, units, post = rows.shape
     ref = rows[0, :, 0].reshape(1, units, 1)
-    s1 = torch.zeros(units, dtype=_WIDE, device=x.device)
-    s2 = torch.zeros(units, dtype=_WIDE, device=x.device)
+    s1 = torch.zeros(units, dtype=_WIDE, device=rows.device)
+    s2 = torch.zeros(units, dtype=_WIDE, device=rows.device)
     per_row = units * post
-    fits = scratch is not None and scratch.dtype == x.dtype and per_row <= scratch.numel()
+    fits = scratch is not None and scratch.dtype == rows.dtype and per_row <= scratch.numel()
     step = scratch.numel() // per_row if fits else pre  # type: ignore[union-attr]
     for part in rows.split(step):
         out = scratch[: part.numel()].view(part.shape) if fits else None  # type: ignore[index]
         _add_shifted_sums(torch.sub(part, ref, out=out), s1, s2)
     c, n = ref.reshape(units).to(_WIDE), float(pre * post)
     return torch.cat([s1 + n * c, s2 + c * (2 * s1 + n * c)])
+
+
+_NEAR_CONSTANT = 1e-4
+"""A unit whose float32 variance is at most this share of its mean square is read again, shifted:
+its unshifted float32 sums (~2e-6 relative) cannot tell its spread from rounding."""
+
+
+def _position_moments(rows: Tensor, scratch: Tensor | None) -> Tensor:
+    """:func:`unit_moments` of CPU ``(examples, units, positions)``: two reads, no temporary written.
+
+    The sums and norms of each row of positions, unshifted, widened and added in float64, give every
+    unit's moments; only units too close to constant for those to resolve (see
+    :data:`_NEAR_CONSTANT`, read on the host) are read again by :func:`_shifted_moments`. A healthy
+    layer has none: half the passes of shifting every unit.
+    """
+    pre, _units, post = rows.shape
+    s1 = rows.sum(dim=2).to(_WIDE).sum(dim=0)
+    s2 = torch.linalg.vector_norm(rows, dim=2).to(_WIDE).square_().sum(dim=0)
+    n = float(pre * post)
+    mean = s1 / n
+    # NaN (a non-finite unit) is not near; a unit at exactly 0 everywhere has exact sums already
+    near = ((s2 / n - mean * mean) <= _NEAR_CONSTANT * (s2 / n)) & (s2 > 0)
+    if bool(near.any()):
+        idx = near.nonzero().reshape(-1)
+        again = _shifted_moments(rows.index_select(1, idx), scratch)
+        s1[idx], s2[idx] = again[: idx.numel()], again[idx.numel() :]
+    return torch.cat([s1, s2])
 
 
 _BLOCK = 256
