@@ -71,7 +71,7 @@ def unit_moments(x: Tensor, neuron_dim: int = -1, scratch: Tensor | None = None)
     pre, units, post = math.prod(x.shape[:dim]), x.shape[dim], math.prod(x.shape[dim + 1 :])
     if x.numel() == 0:
         return torch.zeros(2 * units, dtype=_WIDE, device=x.device)
-    if post == 1:  # units on the contiguous last axis (features, tokens x features)
+    if post == 1 and x.device.type in _STATS_DEVICES:  # units on the last axis (features, tokens x features)
         return _row_moments(x.reshape(pre, units))
     rows = x.reshape(pre, units, post)
     if x.device.type == "cpu":  # a host read decides which units need the shifted pass (free on a CPU)
@@ -124,6 +124,8 @@ def _position_moments(rows: Tensor, scratch: Tensor | None) -> Tensor:
 
 _BLOCK = 256
 """Values per float32 partial sum in :func:`unit_moments` (examples, when a unit has one value per example)."""
+_STATS_DEVICES = ("cpu", "cuda")
+"""Devices whose ``batch_norm_update_stats`` :func:`_row_moments` relies on; others take the shifted sums."""
 _ROWS = 2048
 """Rows per batch-norm statistics call in :func:`_row_moments` (its sums accumulate in float32: within
 ~2e-6 relative of float64 up to 4096 rows, 1e-5 at 65536)."""
