@@ -282,6 +282,31 @@ def test_fused_qkv_and_q_lin_attention_match_eager(family: str) -> None:
     assert len(ours) == 2 and ours == pytest.approx(reference, rel=1e-4)
 
 
+def test_t5_self_attention_matches_eager_with_relative_bias_padding_and_causal_decoder() -> None:
+    """T5: unscaled scores plus the relative-position bias (computed by the first layer, handed to the
+    others), the encoder's padding mask and the decoder's causal mask; cross-attention is not read."""
+    torch.manual_seed(0)
+    config = transformers.T5Config(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4,
+                                   vocab_size=64, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                   decoder_start_token_id=0)  # fmt: skip
+    config._attn_implementation = "eager"
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    assert TransformerCapture(model).unrecognised == []
+    ids, labels = torch.randint(1, 64, (2, 16)), torch.randint(1, 64, (2, 12))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 10:] = 0
+    got = _read(model, ids, attention_mask=mask, labels=labels)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, labels=labels, output_attentions=True)
+    read = {name: m["attn_entropy"] for name, m in got.metrics.items() if "attn_entropy" in m}
+    names = [f"{side}.block.{i}.layer.0.SelfAttention" for side in ("encoder", "decoder") for i in (0, 1)]
+    assert sorted(read) == sorted(names)  # no cross-attention (EncDecAttention)
+    probs = out.encoder_attentions + out.decoder_attentions
+    reference = [(-(a * a.clamp_min(1e-30).log()).sum(-1)).mean().item() for a in probs]
+    ours = [read[name] for name in names]
+    assert ours == pytest.approx(reference, rel=1e-4)
+
+
 _SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 _SMALL.update(max_position_embeddings=32, vocab_size=64)
 # QK-norm per head (Qwen3, Gemma3) or across heads (OLMo2), partial rotary (Phi), soft-capped scores (Gemma 2)

@@ -228,6 +228,36 @@ def distilbert_adapter(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any
     return Scores(q, k, float(getattr(module, "scaling", d**-0.5)), _hf_mask(kwargs), False)
 
 
+def t5_adapter(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Scores | None:
+    """T5 self-attention: unscaled ``q k^T`` plus the learned relative-position bias and the additive mask.
+
+    The first layer computes the bias itself (``compute_bias``); later layers are handed it. Up to
+    transformers 4.x that handed-on bias already holds the mask; from 5.x (modules with a
+    ``scaling``) the mask is added separately. Cross-attention (``key_value_states``) and a decoder
+    step that reads cached keys are not read.
+    """
+    x = _first_arg(args, kwargs, "hidden_states")
+    given = dict(zip(("hidden_states", "mask", "key_value_states", "position_bias"), args)) | kwargs
+    if x is None or given.get("key_value_states") is not None:
+        return None
+    cache = given.get("cache", given.get("past_key_values", given.get("past_key_value")))
+    if cache is not None and getattr(cache, "get_seq_length", lambda *_: 0)(module.layer_idx):
+        return None  # keys from earlier steps that this call's input does not hold
+    d, heads = module.key_value_proj_dim, module.n_heads
+    q, k = _heads(module.q(x), heads), _heads(module.k(x), heads)
+    length = x.shape[1]
+    mask, bias = given.get("mask"), given.get("position_bias")
+    mask = mask.float() if isinstance(mask, Tensor) else None
+    handed = isinstance(bias, Tensor)
+    if not handed and module.has_relative_attention_bias:
+        bias = module.compute_bias(length, length, device=x.device)
+    additive = bias.float() if isinstance(bias, Tensor) else None
+    if mask is not None and (hasattr(module, "scaling") or not handed):
+        additive = mask if additive is None else additive + mask
+    causal = bool(getattr(module, "is_decoder", False)) and mask is None
+    return Scores(q, k, float(getattr(module, "scaling", 1.0)), additive, causal) if d else None
+
+
 def _as_additive(mask: Tensor, disallow_when: bool = True) -> Tensor:
     """torch's bool masks say True = may NOT attend; turn them (or float ones) into additive float."""
     if mask.dtype == torch.bool:
@@ -286,6 +316,8 @@ def recognise(module: nn.Module) -> Adapter | None:
         return neox_adapter
     if has("q_lin", "k_lin", "attention_head_size"):
         return distilbert_adapter
+    if type(module).__name__ in ("T5Attention", "MT5Attention") and has("q", "k", "n_heads", "compute_bias"):
+        return t5_adapter
     return None
 
 

@@ -120,7 +120,7 @@ class Runtime:
                 warnings.warn(
                     f"HealthMonitor reads no attention entropy or logits from {', '.join(found.unrecognised)}: not a "
                     "recognised attention module (nn.MultiheadAttention, GPT-2, BERT, Llama-style, GPT-NeoX, "
-                    "DistilBERT). Modules with separate query/key projections and no rotary embedding can be "
+                    "DistilBERT, T5). Modules with separate query/key projections and no rotary embedding can be "
                     "registered with `attention={name: AttentionSpec(...)}`; every other reading is unaffected.",
                     UserWarning,
                     stacklevel=3,
