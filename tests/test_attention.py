@@ -282,6 +282,35 @@ def test_fused_qkv_and_q_lin_attention_match_eager(family: str) -> None:
     assert len(ours) == 2 and ours == pytest.approx(reference, rel=1e-4)
 
 
+_FALCON = {
+    "multi_query": {},
+    "interleaved": dict(multi_query=False),
+    "grouped": dict(new_decoder_architecture=True, num_kv_heads=2),
+    "alibi": dict(alibi=True, multi_query=False),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(_FALCON))
+def test_falcon_attention_matches_eager_in_each_qkv_layout(layout: str) -> None:
+    """Falcon's fused projection in its three layouts, rotary or ALiBi (carried in the mask), padded."""
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
+                                       **_FALCON[layout])  # fmt: skip
+    config._attn_implementation = "eager"
+    model = transformers.FalconForCausalLM(config).eval()
+    assert TransformerCapture(model).unrecognised == []
+    for p in model.parameters():
+        p.data.mul_(3.0)
+    ids, mask = torch.randint(0, 64, (2, 16)), torch.ones(2, 16, dtype=torch.long)
+    mask[1, 12:] = 0
+    got = _read(model, ids, attention_mask=mask)
+    with torch.no_grad():
+        probs = model(ids, attention_mask=mask, output_attentions=True).attentions
+    ours = [m["attn_entropy"] for m in got.metrics.values() if "attn_entropy" in m]
+    reference = [(-(a * a.clamp_min(1e-30).log()).sum(-1)).mean().item() for a in probs]
+    assert len(ours) == 2 and ours == pytest.approx(reference, rel=1e-4)
+
+
 def test_t5_self_attention_matches_eager_with_relative_bias_padding_and_causal_decoder() -> None:
     """T5: unscaled scores plus the relative-position bias (computed by the first layer, handed to the
     others), the encoder's padding mask and the decoder's causal mask; cross-attention is not read."""

@@ -228,6 +228,34 @@ def distilbert_adapter(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any
     return Scores(q, k, float(getattr(module, "scaling", d**-0.5)), _hf_mask(kwargs), False)
 
 
+def falcon_adapter(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Scores | None:
+    """Falcon: one ``query_key_value`` in one of three layouts (grouped per key head, multi-query, or
+    interleaved per head), rotary, or ALiBi carried in the mask."""
+    x = _first_arg(args, kwargs, "hidden_states")
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    mask = mask if isinstance(mask, Tensor) else None
+    alibi = bool(getattr(module.config, "alibi", False))
+    if x is None or (alibi and mask is None):  # ALiBi's bias rides in the mask: without it, nothing to rebuild
+        return None
+    d, heads, kv_heads = module.head_dim, module.num_heads, module.num_kv_heads
+    fused = module.query_key_value(x).view(*x.shape[:-1], -1, d)
+    if module.new_decoder_architecture:  # per key head: its queries, then its key and its value
+        grouped = fused.view(*x.shape[:-1], kv_heads, -1, d)
+        q, k = grouped[..., :-2, :].flatten(-3, -2), grouped[..., -2, :]
+    elif module.multi_query:
+        q, k, _v = fused.split([heads, 1, 1], dim=-2)
+    else:
+        q, k, _v = fused.unflatten(-2, (heads, 3)).unbind(-2)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    if not alibi:
+        rotated = _rotary_of(module, kwargs.get("position_embeddings"), q, k)
+        if rotated is None:
+            return None
+        q, k = rotated
+    causal = bool(getattr(module, "is_causal", True)) and mask is None
+    return Scores(q, _repeat_kv(k, heads), float(module.scaling), mask, causal)
+
+
 def t5_adapter(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Scores | None:
     """T5 self-attention: unscaled ``q k^T`` plus the learned relative-position bias and the additive mask.
 
@@ -318,6 +346,9 @@ def recognise(module: nn.Module) -> Adapter | None:
         return distilbert_adapter
     if type(module).__name__ in ("T5Attention", "MT5Attention") and has("q", "k", "n_heads", "compute_bias"):
         return t5_adapter
+    falcon = ("query_key_value", "new_decoder_architecture", "multi_query", "num_kv_heads", "head_dim", "scaling")
+    if has(*falcon, "config") and not hasattr(module, "_split_heads"):  # transformers 4.x Falcon splits otherwise
+        return falcon_adapter
     return None
 
 

@@ -120,8 +120,8 @@ class Runtime:
                 warnings.warn(
                     f"HealthMonitor reads no attention entropy or logits from {', '.join(found.unrecognised)}: not a "
                     "recognised attention module (nn.MultiheadAttention, GPT-2, BERT, Llama-style, GPT-NeoX, "
-                    "DistilBERT, T5). Modules with separate query/key projections and no rotary embedding can be "
-                    "registered with `attention={name: AttentionSpec(...)}`; every other reading is unaffected.",
+                    "DistilBERT, T5, Falcon). Modules with separate query/key projections and no rotary embedding "
+                    "can be registered with `attention={name: AttentionSpec(...)}`; every other reading is unaffected.",
                     UserWarning,
                     stacklevel=3,
                 )
