@@ -94,6 +94,9 @@ def test_weight_and_gradient_squares_match_float64_on_large_and_half_tensors():
     reference = np.array([np.square(t.double().numpy()).sum() for t in tensors])
     got = tensor_squares(tensors).numpy()
     np.testing.assert_allclose(got, reference, rtol=1e-6)
+    wide = [torch.randn(70_000, generator=g, dtype=torch.float64), torch.randn(9, generator=g, dtype=torch.float64)]
+    got = tensor_squares(wide).numpy()  # a float64 model's norms are not rounded through float32
+    np.testing.assert_allclose(got, [np.square(t.numpy()).sum() for t in wide], rtol=1e-12)
 
 
 def test_depth_profile_gains_follow_the_signal():

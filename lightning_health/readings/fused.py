@@ -40,16 +40,22 @@ _LARGEST_RANGE = 2.0**40
 _ROW = 1024
 
 
-def sum_of_squares(x: Tensor) -> float:
-    """Float64 sum of squares of flat ``x``: float32 norms of rows of :data:`_ROW` values, combined in float64."""
-    n = x.numel()
+def row_squares(x: Tensor) -> Tensor:
+    """Float64 sum of squares of ``x`` (any shape) as a 0-d tensor on its device: norms of rows of
+    :data:`_ROW` values, accumulated in float32 (float64 for float64 ``x``), combined in float64."""
+    flat = x.reshape(-1)
+    n = flat.numel()
     body = n - n % _ROW
-    total = 0.0
-    if body:
-        total = float(torch.linalg.vector_norm(x[:body].view(-1, _ROW), dim=1).double().square_().sum())
+    acc = _WIDE if flat.dtype == _WIDE else torch.float32
+    total = torch.linalg.vector_norm(flat[:body].view(-1, _ROW), dim=1, dtype=acc).to(_WIDE).square_().sum()
     if body < n:
-        total += float(torch.linalg.vector_norm(x[body:])) ** 2
+        total += torch.linalg.vector_norm(flat[body:], dtype=acc).to(_WIDE).square()
     return total
+
+
+def sum_of_squares(x: Tensor) -> float:
+    """:func:`row_squares` of flat ``x``, read on the host."""
+    return float(row_squares(x))
 
 
 def moments(x: Tensor, lo: float, hi: float, buf: Tensor) -> tuple[float, float]:

@@ -22,44 +22,35 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_health.readings.fused import row_squares
+
 # A tensor at least this large is read as rows on a CPU (:func:`tensor_squares`).
 _ROWS_FROM = 1 << 16
-# Values per float32 partial norm of a large CPU tensor.
-_ROW = 1024
 
 
 def tensor_squares(tensors: Sequence[Tensor]) -> Tensor:
     """The float64 sum of squares of each tensor, as one vector on their device.
 
-    Half tensors are accumulated in float32 (a bfloat16 norm keeps 3 digits). On a CPU a large
-    tensor is read as rows of :data:`_ROW` values whose float32 norms are combined in float64: one
+    Half tensors are accumulated in float32 (a bfloat16 norm keeps 3 digits), float64 ones in
+    float64. On a CPU a large tensor is read as rows
+    (:func:`~lightning_health.readings.fused.row_squares`) whose norms are combined in float64: one
     ``vector_norm`` over a whole 16M-value tensor drifts by up to 1e-3 relative and is ~1.7x slower.
     Small tensors, and every tensor on an accelerator (one multi-tensor kernel), take one
     ``_foreach_norm``.
     """
     tensors = list(tensors)
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     rows = [t.device.type == "cpu" and t.numel() >= _ROWS_FROM for t in tensors]
     if not any(rows):
-        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).to(torch.float64).square_()
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=acc)).to(torch.float64).square_()
     out = torch.empty(len(tensors), dtype=torch.float64, device=tensors[0].device)
     small = [k for k, r in enumerate(rows) if not r]
     if small:
-        norms = torch._foreach_norm([tensors[k] for k in small], 2, dtype=torch.float32)
+        norms = torch._foreach_norm([tensors[k] for k in small], 2, dtype=acc)
         out[small] = torch.stack(norms).to(torch.float64).square_()
     large = [k for k, r in enumerate(rows) if r]
-    out[large] = torch.stack([_row_squares(tensors[k]) for k in large])
+    out[large] = torch.stack([row_squares(tensors[k]) for k in large])
     return out
-
-
-def _row_squares(x: Tensor) -> Tensor:
-    """Float64 sum of squares of a CPU tensor: float32 norms of rows of :data:`_ROW` values, summed in float64."""
-    flat = x.reshape(-1)
-    body = flat.numel() - flat.numel() % _ROW
-    rows = torch.linalg.vector_norm(flat[:body].view(-1, _ROW), dim=1, dtype=torch.float32)
-    total = rows.to(torch.float64).square_().sum()
-    if body < flat.numel():
-        total += torch.linalg.vector_norm(flat[body:], dtype=torch.float32).to(torch.float64).square()
-    return total
 
 
 def group_squares(tensors: Sequence[Tensor], owners: Tensor, groups: int, weights: Tensor | None = None) -> Tensor:
