@@ -271,8 +271,7 @@ def t5_adapter(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Sc
     cache = given.get("cache", given.get("past_key_values", given.get("past_key_value")))
     if cache is not None and getattr(cache, "get_seq_length", lambda *_: 0)(module.layer_idx):
         return None  # keys from earlier steps that this call's input does not hold
-    d, heads = module.key_value_proj_dim, module.n_heads
-    q, k = _heads(module.q(x), heads), _heads(module.k(x), heads)
+    q, k = _heads(module.q(x), module.n_heads), _heads(module.k(x), module.n_heads)
     length = x.shape[1]
     mask, bias = given.get("mask"), given.get("position_bias")
     mask = mask.float() if isinstance(mask, Tensor) else None
@@ -283,7 +282,7 @@ def t5_adapter(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Sc
     if mask is not None and (hasattr(module, "scaling") or not handed):
         additive = mask if additive is None else additive + mask
     causal = bool(getattr(module, "is_decoder", False)) and mask is None
-    return Scores(q, k, float(getattr(module, "scaling", 1.0)), additive, causal) if d else None
+    return Scores(q, k, float(getattr(module, "scaling", 1.0)), additive, causal)
 
 
 def _as_additive(mask: Tensor, disallow_when: bool = True) -> Tensor:
