@@ -359,7 +359,7 @@ class HealthMonitor(CallbackBase):
             self._timer.mark_sampled()
             runtime.arm(grad_scale_tensor(trainer))
         elif self._armed_step is None:
-            runtime.updates.release()  # a plain step: the update-ratio buffers wait for no close sampled step
+            runtime.release()  # a plain step: the buffers kept for the next sampled step wait for no close one
         if self._armed_step is not None:
             runtime.capture.new_batch()
 

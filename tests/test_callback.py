@@ -189,6 +189,31 @@ def test_one_host_transfer_per_sampled_step_and_none_between(monkeypatch, path):
     assert per_step == {0: ["tolist"], 4: ["tolist"], 8: ["tolist"]}
 
 
+def test_plain_steps_hold_no_buffers_of_the_sampled_ones():
+    """The reductions' scratch and the update ratio's copies serve consecutive sampled steps; once a
+    plain step starts they are dropped, so at the default cadence plain steps hold no extra memory."""
+    held: dict[int, tuple[int, int]] = {}
+
+    class Probe(pl.Callback):
+        """After the monitor: what it holds during each step, after its forward and backward pass."""
+
+        def on_before_optimizer_step(self, trainer, *args):
+            runtime = monitor._runtime
+            scratch = sum(t.numel() for t in runtime.capture.scratch._buffers.values())
+            held[trainer.global_step] = (scratch, len(runtime.updates._spare))
+
+    monitor = HealthMonitor(every_n_steps=3, verbose=False)
+    train, _ = patient_loaders()
+    trainer = pl.Trainer(callbacks=[monitor, Probe()], **trainer_kwargs(max_steps=8))
+    trainer.fit(PatientMLP(), train)
+    for step, (scratch, spare) in held.items():
+        if step % 3:
+            assert (scratch, spare) == (0, 0), step  # a plain step
+        else:
+            assert scratch > 0, step  # a sampled step: its passes wrote into the scratch
+    assert set(held) == set(range(8))
+
+
 def test_hooks_are_removed_and_the_model_pickles_after_fit():
     model = PatientMLP()
     monitor = HealthMonitor(every_n_steps=2, verbose=False)

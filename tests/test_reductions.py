@@ -111,8 +111,9 @@ def test_large_tensors_are_reduced_in_chunks_with_the_same_totals(monkeypatch):
     y[3, 7] = float("inf")
     whole_act, whole_grad = R.activation_totals(y, (-1.0, 1.0)), R.gradient_totals(y)
     monkeypatch.setattr(R, "CHUNK", 64)  # 17 chunks, the last one short
+    monkeypatch.setattr(R, "HOST_PASS", 24)  # host path: each chunk's written passes in 3 pieces, one short
     scratch = R.Scratch()
-    assert scratch.get(y).numel() == 64  # the reused buffer never exceeds one chunk
+    assert scratch.get(y).numel() == (24 if R.reads_bounds(y) else 64)  # the buffer never exceeds one pass
     torch.testing.assert_close(R.activation_totals(y, (-1.0, 1.0), scratch=scratch.get(y)), whole_act, equal_nan=True)
     torch.testing.assert_close(R.gradient_totals(y, scratch=scratch.get(y)), whole_grad, equal_nan=True)
     finite = y.clone()
@@ -120,6 +121,32 @@ def test_large_tensors_are_reduced_in_chunks_with_the_same_totals(monkeypatch):
     chunked = R.activation_totals(finite).tolist()
     assert chunked[R.A_MIN] == -5.0 and chunked[R.A_MAX] == finite.max().item()
     assert chunked[R.A_SUMSQ] == pytest.approx(finite.double().square().sum().item(), rel=1e-6)
+
+
+def test_written_passes_in_pieces_of_a_short_buffer_match_numpy(monkeypatch):
+    """One-signed values (shifted moments), zeros, saturation on both sides and NaN, each written
+    pass going through a chunk in pieces of a scratch shorter than it, against NumPy."""
+    monkeypatch.setattr(R, "CHUNK", 500)
+    monkeypatch.setattr(R, "HOST_PASS", 96)
+    g = torch.Generator().manual_seed(11)
+    y = torch.rand(37, 41, generator=g) * 0.98 + 0.01  # a sigmoid's range, nothing at either bound
+    y[::5, 3] = 0.0
+    y[2, ::3] = 1.0
+    scratch = R.Scratch()
+    for values in (y, y * -1.0):
+        ref = _np_ref(values.numpy())
+        low, high = (0.05, 0.95) if values is y else (-0.95, -0.05)
+        t = R.activation_totals(values, scratch=scratch.get(values), thresholds=(low, high)).tolist()
+        assert t[R.A_SUM] == pytest.approx(ref["sum"], rel=1e-6)
+        assert t[R.A_SUMSQ] == pytest.approx(ref["sumsq"], rel=1e-6)
+        assert t[R.A_ZEROS] == ref["zeros"]
+        x = values.numpy()
+        assert t[R.A_SATURATED] == float(np.sum((x <= low) | (x >= high)))
+    broken = y.clone()
+    broken[30, 40] = float("nan")
+    broken[0, 0] = float("inf")
+    t = R.activation_totals(broken, scratch=scratch.get(broken)).tolist()
+    assert t[R.A_NONFINITE] == 2 and t[R.A_ZEROS] == _np_ref(broken.numpy())["zeros"]
 
 
 def test_subnormal_values_give_finite_moments_and_no_nonfinite_count():

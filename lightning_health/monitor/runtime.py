@@ -264,6 +264,12 @@ class Runtime:
                 capture.buffers, self._train_buffers = self._train_buffers, None
                 capture.mode = Mode.TRAIN
 
+    def release(self) -> None:
+        """Drop what consecutive sampled steps reuse (the update ratio's copies, the reductions'
+        scratch): after a plain step the next sampled one is not close, and plain steps hold nothing."""
+        self.updates.release()
+        self.capture.scratch.clear()
+
     def stop(self) -> None:
         """Remove every hook and drop a half-read step (safe twice)."""
         if self.transformer is not None:

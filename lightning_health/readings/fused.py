@@ -18,6 +18,12 @@ Float32 passes (``sum`` is a cascade sum on a CPU), float64 combination on the h
 vector per tensor built at the end. Counts are exact (float32 sums of 0/1 over at most
 :data:`~lightning_health.readings.reductions.CHUNK` < 2**24 elements).
 
+The passes that write (a comparison to count, a shifted copy) write into ``buf``, which may be
+shorter than ``x``: they go through ``x`` one buffer-length at a time. A short buffer (2 MiB,
+:data:`~lightning_health.readings.reductions.HOST_PASS`) costs no time on a CPU, where what it
+holds is read back while still in cache, and keeps a sampled step's extra memory small (it lives
+through the backward pass, where a CNN's memory peaks).
+
 On an accelerator a scalar read would block the host on every layer, so tensors there take the
 device path (every pass, branch-free) instead.
 """
@@ -25,6 +31,7 @@ device path (every pass, branch-free) instead.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -69,32 +76,41 @@ def moments(x: Tensor, lo: float, hi: float, buf: Tensor) -> tuple[float, float]
     scale = 1.0
     if not _SMALLEST_RANGE <= reach <= _LARGEST_RANGE:
         scale = math.ldexp(1.0, min(-math.frexp(reach)[1], 126)) if reach > 0 else 1.0
-    torch.sub(x, centre, out=buf)
-    if scale != 1.0:
-        buf.mul_(scale)
-    s1 = float(buf.sum()) / scale
-    s2 = sum_of_squares(buf) / scale / scale
+    s1 = s2 = 0.0
+    for part, out in _pieces(x, buf):
+        torch.sub(part, centre, out=out)
+        if scale != 1.0:
+            out.mul_(scale)
+        s1 += float(out.sum())
+        s2 += sum_of_squares(out)
+    s1, s2 = s1 / scale, s2 / scale / scale
     n = x.numel()
     return s1 + n * centre, s2 + centre * (2 * s1 + n * centre)
 
 
-def count(mark: Tensor) -> float:
-    """The number of ones in a float 0/1 buffer (exact below 2**24 elements)."""
-    return float(mark.sum())
+def _pieces(x: Tensor, buf: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """``x`` in pieces of ``buf``'s length, each with the part of ``buf`` it may write."""
+    return [(part, buf[: part.numel()]) for part in x.split(buf.numel())]
+
+
+def count(x: Tensor, buf: Tensor, mark: Callable[[Tensor, Tensor], Tensor]) -> float:
+    """How many of ``x`` ``mark`` flags: ``mark(part, out)`` writes 1.0/0.0 for ``part`` into ``out``
+    and returns it (float sums of 0/1 over at most 2**24 values each, exact)."""
+    return sum(float(mark(part, out).sum()) for part, out in _pieces(x, buf))
 
 
 def nonfinite(x: Tensor, lo: float, hi: float, buf: Tensor) -> float:
     """How many of ``x`` are NaN or +-Inf; no pass when both bounds are finite (``aminmax`` propagates NaN)."""
     if math.isfinite(lo) and math.isfinite(hi):
         return 0.0
-    return count(torch.mul(x, 0.0, out=buf).ne_(0.0))  # x * 0 is 0 when finite, NaN otherwise
+    return count(x, buf, lambda part, out: torch.mul(part, 0.0, out=out).ne_(0.0))  # x * 0: 0 if finite, else NaN
 
 
 def zeros(x: Tensor, lo: float, hi: float, buf: Tensor) -> float:
     """How many of ``x`` are exactly 0; no pass when the bounds exclude it."""
     if lo > 0 or hi < 0:
         return 0.0
-    return count(torch.eq(x, 0.0, out=buf))
+    return count(x, buf, lambda part, out: torch.eq(part, 0.0, out=out))
 
 
 def beyond(x: Tensor, thresholds: tuple[float, float] | None, lo: float, hi: float, buf: Tensor) -> float:
@@ -106,12 +122,13 @@ def beyond(x: Tensor, thresholds: tuple[float, float] | None, lo: float, hi: flo
     if not (reaches_low or reaches_high):
         return 0.0
     if reaches_low and reaches_high and math.isfinite(low) and math.isfinite(high):
-        return count(torch.sub(x, (low + high) / 2, out=buf).abs_().ge_((high - low) / 2))
+        middle, half = (low + high) / 2, (high - low) / 2
+        return count(x, buf, lambda part, out: torch.sub(part, middle, out=out).abs_().ge_(half))
     total = 0.0
     if reaches_low and math.isfinite(low):
-        total += count(torch.le(x, low, out=buf))
+        total += count(x, buf, lambda part, out: torch.le(part, low, out=out))
     if reaches_high and math.isfinite(high):
-        total += count(torch.ge(x, high, out=buf))
+        total += count(x, buf, lambda part, out: torch.ge(part, high, out=out))
     return total
 
 

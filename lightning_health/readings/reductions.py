@@ -38,6 +38,8 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 # Elements reduced per pass over a large tensor: bounds the reused temporary at 8 MiB whatever the
 # layer's size (a 33 MiB conv activation would otherwise keep a 33 MiB buffer alive all run).
 CHUNK = 1 << 21
+# Elements per written pass on the host-bounds path (CPU): a 2 MiB buffer, read back from cache.
+HOST_PASS = 1 << 19
 
 
 def reads_bounds(x: Tensor) -> bool:
@@ -68,6 +70,14 @@ def empty_activation_totals(device: torch.device | str = "cpu") -> Tensor:
 def empty_gradient_totals(device: torch.device | str = "cpu") -> Tensor:
     """The identity element for :func:`combine_gradient_totals`."""
     return torch.zeros(GRADIENT_WIDTH, dtype=_WIDE, device=device)
+
+
+def _host_buffer(x: Tensor, scratch: Tensor | None) -> Tensor:
+    """A temporary of x's dtype for the host-bounds path's passes, which go through ``x`` one buffer
+    length at a time: the reused scratch whatever its length, else a fresh one of at most HOST_PASS."""
+    if scratch is not None and scratch.dtype == x.dtype and scratch.numel() > 0:
+        return scratch
+    return torch.empty(min(x.numel(), HOST_PASS), dtype=x.dtype, device=x.device)
 
 
 def _buffer(x: Tensor, scratch: Tensor | None) -> Tensor:
@@ -158,9 +168,9 @@ def activation_totals(
         if thresholds is None and bounds is not None:
             band = margin * (bounds[1] - bounds[0])
             thresholds = (bounds[0] + band, bounds[1] - band)
-        buf = _buffer(x[:CHUNK], scratch)
+        buf = _host_buffer(x, scratch)
         own = moments is None
-        floats = [fused.activation_floats(p, thresholds, buf[: p.numel()], own) for p in x.split(CHUNK)]
+        floats = [fused.activation_floats(p, thresholds, buf, own) for p in x.split(CHUNK)]
         whole = floats[0] if len(floats) == 1 else fused.combine(floats, mins=(A_MIN,), maxes=(A_MAX,))
         if moments is not None:
             fused.take_moments(whole, moments, (A_SUM, A_SUMSQ, A_MIN, A_MAX))
@@ -209,8 +219,8 @@ def gradient_totals(g: Tensor, scratch: Tensor | None = None) -> Tensor:
     if x.numel() == 0:
         return empty_gradient_totals(x.device)
     if reads_bounds(x):
-        buf = _buffer(x[:CHUNK], scratch)
-        floats = [fused.gradient_floats(p, buf[: p.numel()]) for p in x.split(CHUNK)]
+        buf = _host_buffer(x, scratch)
+        floats = [fused.gradient_floats(p, buf) for p in x.split(CHUNK)]
         whole = floats[0] if len(floats) == 1 else fused.combine(floats, mins=(), maxes=(G_ABSMAX,))
         return fused.to_device(whole, x.device)
     if x.numel() > CHUNK:
@@ -224,10 +234,12 @@ def gradient_totals(g: Tensor, scratch: Tensor | None = None) -> Tensor:
 
 
 class Scratch:
-    """One reusable float32 buffer per device, as large as the largest tensor seen up to :data:`CHUNK`.
+    """One reusable float32 buffer per device, as large as the largest tensor seen up to :data:`CHUNK`
+    (:data:`HOST_PASS` on a CPU, whose passes go through a tensor one buffer length at a time).
 
     The reductions write one temporary per tensor (per chunk of a large one); reusing it keeps a
     sampled step from allocating (and, on a CPU, page-faulting) a fresh buffer for every layer.
+    :meth:`clear` drops it between sampled steps that are not consecutive, so plain steps hold none.
     """
 
     def __init__(self) -> None:
@@ -235,7 +247,7 @@ class Scratch:
 
     def get(self, like: Tensor) -> Tensor:
         buf = self._buffers.get(like.device)
-        size = min(like.numel(), CHUNK)
+        size = min(like.numel(), HOST_PASS if reads_bounds(like) else CHUNK)
         if buf is None or buf.numel() < size:
             buf = torch.empty(size, dtype=torch.float32, device=like.device)
             self._buffers[like.device] = buf
