@@ -14,7 +14,9 @@ How one measurement ("trial") works:
 * Peak memory growth is the peak resident set size during the fit (``VmHWM``, reset through
   ``/proc/self/clear_refs`` just before) minus the resident size just before the model is built.
   The logger's client (W&B run, TensorBoard writer) is started before that baseline, so it is not
-  counted; W&B's separate ``wandb-core`` process is never counted.
+  counted; W&B's separate ``wandb-core`` process is never counted. With ``live_memory`` (see
+  :func:`hold_no_freed_memory`, used by :mod:`benchmarks.peak_memory`) that peak is the peak of
+  memory actually in use; without it, of what glibc's allocator kept from earlier steps as well.
 
 Trials are interleaved: for every workload, ``repeats`` rounds each run every variant once, the
 order rotated from round to round, so slow drifts of the machine hit all variants alike.
@@ -198,6 +200,28 @@ class TrialSpec:
     tiny: bool
     seed: int
     workdir: str
+    live_memory: bool = False  # see hold_no_freed_memory
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def hold_no_freed_memory() -> None:
+    """Make this process's resident size follow the memory it uses: blocks of 64 KiB or more are
+    mapped on allocation and returned on free, and freed heap tops are trimmed.
+
+    By default glibc raises its mmap threshold to the largest block freed so far (up to 32 MiB)
+    and keeps freed blocks for reuse, so a fit's peak RSS also counts memory freed earlier and
+    moves by tens of MiB between identical runs (the two no-monitor rows of the step-time table).
+    The price is a page fault per touched page of every large allocation: steps run slower, so
+    step times are never taken from trials run this way.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    if not (libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024) and libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)):
+        raise RuntimeError("mallopt refused the thresholds: peak live memory cannot be measured here")
 
 
 def _quiet() -> None:
@@ -227,6 +251,8 @@ def run_trial(spec: TrialSpec) -> TrialResult:
     import torch
 
     _quiet()
+    if spec.live_memory:
+        hold_no_freed_memory()
     torch.set_num_threads(NUM_THREADS)
     started = time.perf_counter()
     logger = _make_logger(spec.variant.logger, spec.workdir)
@@ -314,6 +340,7 @@ class BenchmarkConfig:
     seed: int = 0
     max_foreign_cpu: float = 0.25
     max_retries: int = 3
+    live_memory: bool = False  # peak of memory in use (slower steps): benchmarks/peak_memory.py
 
     def steps_for(self, variant: Variant) -> int:
         """Timed steps per trial: every-step variants need fewer to resolve their (large) ratios."""
@@ -367,6 +394,7 @@ def run_benchmark(config: BenchmarkConfig, progress: Callable[[str], None] | Non
                         tiny=config.tiny,
                         seed=config.seed,
                         workdir=workdir,
+                        live_memory=config.live_memory,
                     )
                     for attempt in range(config.max_retries + 1):
                         trial = _spawn(ctx, spec)

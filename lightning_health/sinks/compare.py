@@ -130,12 +130,12 @@ def _dead_fraction_lines(lines: Axes, run: RunHealth) -> None:
 
 def _heatmap(heat: Axes, run: RunHealth) -> None:
     from lightning_health.sinks.heatmap import heatmap_cells
-    from lightning_health.sinks.heatmap_figure import cell_colours
+    from lightning_health.sinks.heatmap_figure import cell_colours, draw_cells
 
     curves = run.curves.get("dead_fraction", {})
     names, steps, values, broken = heatmap_cells(curves, list(curves), 120, run.curves.get("nonfinite", {}))
     if values.size:
-        heat.imshow(cell_colours(values, broken), aspect="auto", interpolation="nearest")
+        draw_cells(heat, cell_colours(values, broken))
         heat.set_yticks(range(len(names)), labels=names, fontsize="x-small")
         ticks = np.unique(np.linspace(0, values.shape[1] - 1, num=min(values.shape[1], 8)).round().astype(int))
         heat.set_xticks(ticks, labels=[str(steps[i]) for i in ticks])

@@ -1,0 +1,91 @@
+"""Peak memory in use during a fit, with and without HealthMonitor: the memory target of issue 14.
+
+The step-time benchmark (:mod:`benchmarks.run`) reads peak RSS under glibc's default allocator
+settings. Those keep freed blocks for reuse and raise the mmap threshold as large blocks are freed,
+so the peak also counts memory that earlier steps freed, and it moves by tens of MiB between
+identical runs. Here every trial first calls :func:`benchmarks.harness.hold_no_freed_memory`, so
+the resident size follows the memory in use and its peak (``VmHWM``) is the peak of what the fit
+held at once. Steps run slower that way (a page fault per touched page of every large block), so
+no step time is reported.
+
+Variants, interleaved as in the step-time benchmark (fresh process per trial, 3 warm-up steps, then
+60 steps: global steps 0 and 50 are sampled at the default cadence):
+
+* no monitor (``logger=False``) and no monitor with a TensorBoard logger (same work: the spread
+  between them is what the measurement itself can resolve);
+* ``HealthMonitor(every_n_steps=50)`` with and without the update ratio (``update_ratio_max_bytes=0``),
+  which separates the weight copy held through a sampled optimizer step from the rest;
+* ``HealthMonitor(every_n_steps=1)``.
+
+    python -m benchmarks.peak_memory                 # mlp, cnn, lm; 3 rounds; about 15 min on 2 cores
+    python -m benchmarks.peak_memory --quick         # tiny shapes, one round, a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Sequence
+
+from benchmarks.harness import BenchmarkConfig, TrialResult, Variant, run_benchmark
+
+VARIANTS = (
+    Variant("none", "no monitor", "none", 0),
+    Variant("none+tb", "no monitor, TensorBoard logger", "tensorboard", 0),
+    Variant("health@50", "HealthMonitor(every_n_steps=50)", "tensorboard", 50),
+    Variant("health@50-noupdate", "HealthMonitor(every_n_steps=50, update_ratio_max_bytes=0)", "tensorboard", 50),
+    Variant("health@1", "HealthMonitor(every_n_steps=1)", "tensorboard", 1),
+)
+
+
+def table(trials: Sequence[TrialResult], workloads: Sequence[str]) -> list[str]:
+    """A markdown table: median peak growth per variant and workload, and its difference to no monitor
+    as a percentage of no monitor's (with the range of that percentage over rounds)."""
+    lines = [
+        "| workload | variant | peak growth (MiB, median) | vs no monitor (range over rounds) |",
+        "|---|---|---:|---:|",
+    ]
+    for workload in workloads:
+        mine = [t for t in trials if t.workload == workload]
+        base = {t.repeat: t.growth_mib for t in mine if t.variant == "none"}
+        base_median = statistics.median(base.values())
+        for variant in VARIANTS:
+            rows = [t for t in mine if t.variant == variant.name]
+            growth = statistics.median(t.growth_mib for t in rows)
+            if variant.name == "none":
+                versus = "-"
+            else:
+                per_round = sorted(100 * (t.growth_mib - base[t.repeat]) / base[t.repeat] for t in rows)
+                middle = 100 * (growth - base_median) / base_median
+                versus = f"{middle:+.1f}% ({per_round[0]:+.1f} to {per_round[-1]:+.1f})"
+            lines.append(f"| {workload} | {variant.label} | {growth:.1f} | {versus} |")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> list[str]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.peak_memory", description=__doc__.split("\n")[0])
+    parser.add_argument("--workloads", default="mlp,cnn,lm", help="comma-separated (default: mlp,cnn,lm)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one round, a few steps (a smoke run)")
+    args = parser.parse_args(argv)
+    workloads = [w for w in args.workloads.split(",") if w]
+    config = BenchmarkConfig(
+        workloads=workloads,
+        variants=VARIANTS,
+        steps=8 if args.quick else 60,
+        dense_steps=4 if args.quick else 15,
+        warmup=1 if args.quick else 3,
+        repeats=1 if args.quick else args.repeats,
+        tiny=args.quick,
+        max_foreign_cpu=float("inf"),  # memory does not depend on other processes' CPU use
+        live_memory=True,
+    )
+    result = run_benchmark(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    lines = table(result.trials, workloads)
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+if __name__ == "__main__":
+    main()
