@@ -13,8 +13,9 @@ How one measurement ("trial") works:
   The first ``warmup`` steps are dropped.
 * Peak memory growth is the peak resident set size during the fit (``VmHWM``, reset through
   ``/proc/self/clear_refs`` just before) minus the resident size just before the model is built.
-  The logger's client (W&B run, TensorBoard writer) is started before that baseline, so it is not
-  counted; W&B's separate ``wandb-core`` process is never counted. With ``live_memory`` (see
+  The logger's client (W&B run, TensorBoard writer) is started and the monitor callbacks are made
+  (their modules imported) before that baseline, so neither is counted; W&B's separate
+  ``wandb-core`` process is never counted. With ``live_memory`` (see
   :func:`hold_no_freed_memory`, used by :mod:`benchmarks.peak_memory`) that peak is the peak of
   memory actually in use; without it, of what glibc's allocator kept from earlier steps as well.
 
@@ -181,6 +182,13 @@ class TrialResult:
     peak_rss_kib: int
     wall_s: float
     foreign_cpu: float = 0.0
+    file_growth_kib: int = 0  # resident pages of files (shared-library code) gained during the fit
+
+    @property
+    def anon_growth_mib(self) -> float:
+        """:attr:`growth_mib` less the file pages gained: the peak of memory the fit allocated,
+        give or take library code first run after the peak (a page or two per new kernel)."""
+        return self.growth_mib - self.file_growth_kib / 1024
 
     @property
     def growth_mib(self) -> float:
@@ -258,9 +266,10 @@ def run_trial(spec: TrialSpec) -> TrialResult:
     logger = _make_logger(spec.variant.logger, spec.workdir)
     if logger:
         _ = logger.experiment  # start the logging client before the memory baseline
+    callbacks = make_callbacks(spec.variant)  # their imports too: a fixed cost of a package, not of the fit
     gc.collect()
     _reset_peak_rss()
-    rss_before = _proc_status_kib("VmRSS")
+    rss_before, file_before = _proc_status_kib("VmRSS"), _proc_status_kib("RssFile")
     total = spec.warmup + spec.steps + 1
     module, loader = make_workload(spec.workload, num_batches=total, tiny=spec.tiny, seed=spec.seed)
     timer = StepTimer()
@@ -270,7 +279,7 @@ def run_trial(spec: TrialSpec) -> TrialResult:
         max_steps=total,
         max_epochs=1,
         logger=logger,
-        callbacks=[timer, *make_callbacks(spec.variant)],
+        callbacks=[timer, *callbacks],
         enable_progress_bar=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -283,7 +292,7 @@ def run_trial(spec: TrialSpec) -> TrialResult:
     trainer.fit(module, loader)
     fit_s = time.perf_counter() - fit_start
     busy_after, own_after = _cpu_ticks()
-    peak = _proc_status_kib("VmHWM")
+    peak, file_after = _proc_status_kib("VmHWM"), _proc_status_kib("RssFile")
     foreign = ((busy_after - busy_before) - (own_after - own_before)) / os.sysconf("SC_CLK_TCK") / fit_s
     if spec.variant.logger == "wandb":
         import wandb
@@ -298,6 +307,7 @@ def run_trial(spec: TrialSpec) -> TrialResult:
         peak_rss_kib=peak,
         wall_s=time.perf_counter() - started,
         foreign_cpu=max(foreign, 0.0),
+        file_growth_kib=max(file_after - file_before, 0),
     )
 
 
