@@ -185,12 +185,6 @@ class TrialResult:
     file_growth_kib: int = 0  # resident pages of files (shared-library code) gained during the fit
 
     @property
-    def anon_growth_mib(self) -> float:
-        """:attr:`growth_mib` less the file pages gained: the peak of memory the fit allocated,
-        give or take library code first run after the peak (a page or two per new kernel)."""
-        return self.growth_mib - self.file_growth_kib / 1024
-
-    @property
     def growth_mib(self) -> float:
         """Peak RSS during the fit minus RSS before the model was built, in MiB."""
         return (self.peak_rss_kib - self.rss_before_kib) / 1024

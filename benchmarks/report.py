@@ -192,9 +192,11 @@ def render_markdown(
         " hundreds of interleaved idle steps resolve the idle ratio and the sampled step is measured directly."
         " The range uses the per-repeat idle ratios.",
         "- *peak growth*: peak RSS during the fit (`VmHWM`, reset via `/proc/self/clear_refs`) minus RSS before"
-        " the model is built, median over repeats; logger clients are started before that baseline and"
-        " W&B's separate `wandb-core` process is not counted. *vs none*: difference to `no monitor`'s growth,"
-        " as a percentage of it.",
+        " the model is built, median over repeats; logger clients are started and monitor callbacks made"
+        " before that baseline and W&B's separate `wandb-core` process is not counted. *vs none*: difference"
+        " to `no monitor`'s growth, as a percentage of it. Under glibc's default allocator settings this peak"
+        " also counts memory freed by earlier steps and kept for reuse, and moves by tens of MiB between"
+        " identical runs: the peak of memory in use is measured by `python -m benchmarks.peak_memory`.",
         "- *max other CPU*: the largest, over the variant's kept trials, of the CPU time (in cores) that processes"
         " other than the trial and its children (W&B's `wandb-core` is a child) used during the fit, from"
         " `/proc/stat`. A trial with more than the threshold above is run again; a high value that remains"
