@@ -346,6 +346,30 @@ class BenchmarkConfig:
     max_retries: int = 3
     live_memory: bool = False  # peak of memory in use (slower steps): benchmarks/peak_memory.py
 
+    @classmethod
+    def sized(
+        cls,
+        workloads: Sequence[str],
+        variants: Sequence[Variant],
+        *,
+        quick: bool,
+        repeats: int,
+        steps: int,
+        dense_steps: int,
+        **options: Any,
+    ) -> BenchmarkConfig:
+        """A command line's config; ``quick``: tiny shapes, one round, a few steps (a smoke run)."""
+        return cls(
+            workloads=workloads,
+            variants=variants,
+            steps=8 if quick else steps,
+            dense_steps=4 if quick else dense_steps,
+            warmup=1 if quick else 3,
+            repeats=1 if quick else repeats,
+            tiny=quick,
+            **options,
+        )
+
     def steps_for(self, variant: Variant) -> int:
         """Timed steps per trial: every-step variants need fewer to resolve their (large) ratios."""
         return self.dense_steps if variant.cadence == 1 else self.steps

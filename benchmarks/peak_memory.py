@@ -80,14 +80,13 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one round, a few steps (a smoke run)")
     args = parser.parse_args(argv)
     workloads = [w for w in args.workloads.split(",") if w]
-    config = BenchmarkConfig(
-        workloads=workloads,
-        variants=VARIANTS,
-        steps=8 if args.quick else 60,
-        dense_steps=4 if args.quick else 15,
-        warmup=1 if args.quick else 3,
-        repeats=1 if args.quick else args.repeats,
-        tiny=args.quick,
+    config = BenchmarkConfig.sized(
+        workloads,
+        VARIANTS,
+        quick=args.quick,
+        repeats=args.repeats,
+        steps=60,
+        dense_steps=15,
         max_foreign_cpu=float("inf"),  # memory does not depend on other processes' CPU use
         live_memory=True,
     )

@@ -103,8 +103,8 @@ def direct_cost(workload: str, tiny: bool, repeats: int = 30) -> tuple[float, fl
     import torch
 
     from benchmarks.workloads import make_workload
-    from lightning_health.pipeline.accumulate import layer_param_groups
     from lightning_health.pipeline.learning import UpdateTracker
+    from lightning_health.pipeline.param_grads import layer_param_groups
 
     torch.set_num_threads(1)  # no worker threads spinning while they wait: CPU time is work done
     module, loader = make_workload(workload, num_batches=1, tiny=tiny)
@@ -173,14 +173,13 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one round, a few steps (a smoke run)")
     args = parser.parse_args(argv)
     workloads = [w for w in args.workloads.split(",") if w]
-    config = BenchmarkConfig(
-        workloads=workloads,
-        variants=VARIANTS,
-        steps=8 if args.quick else args.steps,
-        dense_steps=4 if args.quick else args.dense_steps,
-        warmup=1 if args.quick else 3,
-        repeats=1 if args.quick else args.repeats,
-        tiny=args.quick,
+    config = BenchmarkConfig.sized(
+        workloads,
+        VARIANTS,
+        quick=args.quick,
+        repeats=args.repeats,
+        steps=args.steps,
+        dense_steps=args.dense_steps,
         max_retries=args.retries,
     )
     result = run_benchmark(config, progress=lambda line: print(line, file=sys.stderr, flush=True))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,39 @@ def test_per_layer_benchmark_reports_a_row_per_depth_and_a_fit() -> None:
     assert fit_line([10, 30, 100], [3.0, 7.0, 21.0]) == pytest.approx((1.0, 0.2))
     table = per_layer([2, 3], steps=2, repeats=1)
     assert "| 2 |" in table and "| 3 |" in table and "ms x layers" in table
+
+
+def test_update_ratio_readings_alone_are_timed_on_the_bare_workload() -> None:
+    from benchmarks.update_ratio_cost import direct_cost, snapshot_bytes
+
+    step_ms, extra_ms = direct_cost("mlp", tiny=True, repeats=2)
+    assert step_ms > 0 and math.isfinite(extra_ms)
+    module, _ = make_workload("mlp", num_batches=1, tiny=True)
+    assert snapshot_bytes("mlp", True) == 4 * sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.slow
+def test_peak_memory_reads_the_memory_in_use_and_tells_the_update_copy_apart() -> None:
+    """Identical work reads the same peak to within 1 MiB (glibc's retained blocks would move it by
+    tens); the monitor with the update ratio holds at least its weight copy more than without."""
+    from benchmarks.harness import BenchmarkConfig, run_benchmark
+    from benchmarks.peak_memory import VARIANTS as MEMORY_VARIANTS
+    from benchmarks.peak_memory import table
+
+    config = BenchmarkConfig.sized(
+        ["mlp"],
+        MEMORY_VARIANTS,
+        quick=True,
+        repeats=1,
+        steps=0,
+        dense_steps=0,
+        live_memory=True,
+        max_foreign_cpu=float("inf"),
+    )
+    config = dataclasses.replace(config, tiny=False, steps=50, warmup=1)  # sampled at 0 and 50: the real MLP
+    trials = {t.variant: t for t in run_benchmark(config).trials}
+    assert abs(trials["none"].growth_mib - trials["none+tb"].growth_mib) < 1.0
+    module, _ = make_workload("mlp", num_batches=1)
+    copy_mib = 4 * sum(p.numel() for p in module.parameters()) / 2**20
+    assert trials["health@50"].growth_mib - trials["health@50-noupdate"].growth_mib > 0.5 * copy_mib
+    assert "| mlp | no monitor |" in "\n".join(table(list(trials.values()), ["mlp"]))
