@@ -91,8 +91,8 @@ def test_update_ratio_readings_alone_are_timed_on_the_bare_workload() -> None:
 
 @pytest.mark.slow
 def test_peak_memory_reads_the_memory_in_use_and_tells_the_update_copy_apart() -> None:
-    """Identical work reads the same peak to within 1 MiB (glibc's retained blocks would move it by
-    tens); the monitor with the update ratio holds at least its weight copy more than without."""
+    """Identical work reads the same peak to within a few MiB (glibc's retained blocks would move it
+    by tens); the monitor with the update ratio holds at least its weight copy more than without."""
     from benchmarks.harness import BenchmarkConfig, run_benchmark
     from benchmarks.peak_memory import VARIANTS as MEMORY_VARIANTS
     from benchmarks.peak_memory import table
@@ -109,7 +109,8 @@ def test_peak_memory_reads_the_memory_in_use_and_tells_the_update_copy_apart() -
     )
     config = dataclasses.replace(config, tiny=False, steps=50, warmup=1)  # sampled at 0 and 50: the real MLP
     trials = {t.variant: t for t in run_benchmark(config).trials}
-    assert abs(trials["none"].growth_mib - trials["none+tb"].growth_mib) < 1.0
+    # library code pages first read in a fresh install move it by about 1 MiB
+    assert abs(trials["none"].growth_mib - trials["none+tb"].growth_mib) < 4.0
     module, _ = make_workload("mlp", num_batches=1)
     copy_mib = 4 * sum(p.numel() for p in module.parameters()) / 2**20
     assert trials["health@50"].growth_mib - trials["health@50-noupdate"].growth_mib > 0.5 * copy_mib
