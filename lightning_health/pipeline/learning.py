@@ -52,8 +52,12 @@ from torch import Tensor
 
 from lightning_health.capture.sharding import local_tensor
 from lightning_health.diagnosis.learning import UpdateWindow, depth_profile
+from lightning_health.pipeline.host_copy import to_device
 from lightning_health.pipeline.sync import replica_weight, sum_across_ranks, world_size
 from lightning_health.readings.update import group_squares, snapshot, update_ratio, update_squares
+
+_INDEX_CACHE = 256
+"""Distinct index lists kept on the device by :meth:`UpdateTracker._index` before it starts over."""
 
 Groups = Sequence[tuple[str, list[torch.nn.Parameter]]]
 
@@ -120,6 +124,7 @@ class UpdateTracker:
         # sharded parameters (FSDP2, tensor parallel): local shards, weighted so each element counts once
         self.sharded = any(hasattr(p, "placements") for _name, params in self.groups for p in params)
         self._weights: dict[Any, Tensor] = {}
+        self._indices: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
 
     def _global_squares(self, squares: Tensor) -> Tensor:
         """Per-group sums of squares over the whole model: one sum all-reduce when sharded, else as is."""
@@ -136,6 +141,17 @@ class UpdateTracker:
                 [replica_weight(p, world) for p in params], dtype=torch.float64, device=device
             )
         return self._weights[key]
+
+    def _index(self, values: Sequence[int], device: torch.device) -> Tensor:
+        """``values`` as a long tensor on ``device``, copied without blocking and kept per distinct list
+        (the rotation of :meth:`_choose` cycles, so the lists repeat; the cache is capped all the same)."""
+        key = (tuple(values), device)
+        index = self._indices.get(key)
+        if index is None:
+            if len(self._indices) >= _INDEX_CACHE:
+                self._indices.clear()
+            index = self._indices[key] = to_device(key[0], device)
+        return index
 
     def _choose(self) -> list[int]:
         """The groups to read this step: all, or the next ones round-robin that fit ``max_bytes``."""
@@ -161,7 +177,7 @@ class UpdateTracker:
         parameter's position in ``groups``, when the caller keeps it (else built here)."""
         params = [p for i in groups for p in self.groups[i][1]]
         if owners is None:
-            owners = torch.tensor([k for k, i in enumerate(groups) for _p in self.groups[i][1]], device=device)
+            owners = self._index([k for k, i in enumerate(groups) for _p in self.groups[i][1]], device)
         local = [local_tensor(p.detach()) for p in params]
         weights = self._shard_weights(params, device)
         return self._global_squares(group_squares(local, owners, len(groups), weights)).sqrt_()
@@ -210,12 +226,12 @@ class UpdateTracker:
         fresh = sorted(set(slots) - step.based)
         if not first and fresh:  # modules this optimizer is the first to move: their weights just before it
             groups = [step.chosen[s] for s in fresh]
-            step.norms[torch.tensor(groups, device=device)] = self._norms_of(groups, device)
+            step.norms[self._index(groups, device)] = self._norms_of(groups, device)
         step.based.update(fresh)
         step.taken.update(id(p) for p in live)
         copy = self._copies(live)
         nbytes = sum(t.numel() * t.element_size() for t in copy)
-        entry = _Copy(optimizer, live, copy, torch.tensor(slots, dtype=torch.long, device=device), nbytes)
+        entry = _Copy(optimizer, live, copy, self._index(slots, device), nbytes)
         step.pending.append(entry)
         step.held += nbytes
         self.peak_bytes = max(
@@ -270,7 +286,7 @@ class UpdateTracker:
         for handle in step.handles:
             handle.remove()
         deltas = self._global_squares(step.deltas).sqrt_()
-        picked = step.norms[torch.tensor(step.chosen, dtype=torch.long, device=step.norms.device)]
+        picked = step.norms[self._index(step.chosen, step.norms.device)]
         return torch.cat([step.norms, update_ratio(deltas, picked)]), step.chosen
 
     def discard(self) -> None:

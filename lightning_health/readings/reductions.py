@@ -369,7 +369,13 @@ def histogram_counts(x: Tensor, edges: Tensor, boundaries: Tensor | None = None)
     """
     b = boundaries if boundaries is not None else bucket_boundaries(edges.to(x.device))
     v = _as_float(x).reshape(-1).float().nan_to_num(nan=math.inf, neginf=math.inf)  # non-finite -> last slot
-    return torch.bincount(torch.bucketize(v, b, right=True), minlength=b.numel() + 1).to(_WIDE)
+    slots = torch.bucketize(v, b, right=True)
+    if reads_bounds(v):  # a host tensor: bincount is fastest there
+        return torch.bincount(slots, minlength=b.numel() + 1).to(_WIDE)
+    # CUDA's bincount reads its largest input back to size the output (a blocking sync per call, and
+    # no deterministic kernel); the size is known, so scatter the ones instead (exact below 2**53)
+    counts = torch.zeros(b.numel() + 1, dtype=_WIDE, device=v.device)
+    return counts.scatter_add_(0, slots, torch.ones(slots.numel(), dtype=_WIDE, device=v.device))
 
 
 def symlog_edges(bins: int, smallest: float, largest: float) -> Tensor:
