@@ -95,6 +95,28 @@ def test_multihead_attention_respects_key_padding_mask() -> None:
     assert got["attn_logit_max"] == pytest.approx(top.item(), rel=1e-4)
 
 
+def test_attention_totals_against_a_float64_softmax_with_padding_causal_mask_and_a_nan_head() -> None:
+    """Entropy per head from an independent float64 softmax; a query row with no allowed key is left
+    out; a NaN in one head's queries reads NaN there (not a healthy 0), the other head unchanged."""
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(2, 2, 6, 4, generator=g) * 3, torch.randn(2, 2, 6, 4, generator=g) * 3
+    allowed = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    allowed[1, :, :, 4:] = False  # padding: the second example's last two keys
+    allowed[1, :, 0, :] = False  # and its first query sees no key at all
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    s = (q.double() @ k.double().transpose(-1, -2)) * 0.5
+    keep = allowed & causal
+    p = torch.softmax(s.masked_fill(~keep, -math.inf), dim=-1)
+    ref = -(p * torch.log(p.clamp_min(1e-300))).sum(-1).nan_to_num(0.0)  # (B, H, L); the keyless row: 0
+    ent, rows, top = attention_totals(q, k, 0.5, mask=allowed, causal=True, chunk_elements=2 * 2 * 6 * 2)
+    torch.testing.assert_close(ent, ref.sum(dim=(0, 2)), rtol=1e-5, atol=1e-6)
+    assert rows.tolist() == [11.0, 11.0]
+    torch.testing.assert_close(top, s.masked_fill(~keep, -math.inf).amax(dim=(0, 2, 3)).float())
+    q[0, 1, 3, 0] = math.nan
+    ent, rows, _ = attention_totals(q, k, 0.5, mask=allowed, causal=True)
+    assert math.isnan(ent[1]) and ent[0].item() == pytest.approx(ref[:, 0].sum().item(), rel=1e-5)
+
+
 def test_attention_totals_chunking_and_massive_totals() -> None:
     torch.manual_seed(2)
     q, k = torch.randn(2, 3, 40, 8), torch.randn(2, 3, 40, 8)

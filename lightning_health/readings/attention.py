@@ -90,31 +90,36 @@ def attention_totals(
         rows = torch.zeros(h, dtype=torch.float64, device=q.device)
         top = torch.full((h,), -math.inf, dtype=torch.float32, device=q.device)
         kt = k.transpose(-1, -2)
+        key_pos = torch.arange(keys, device=q.device) if causal else None
+        floor = torch.finfo(torch.float32).min
         for start in range(0, length, step):
             stop = min(length, start + step)
             scores = torch.matmul(q[:, :, start:stop], kt).mul_(scaling)  # (B, H, c, S)
             if softcap:
                 scores = scores.div_(softcap).tanh_().mul_(softcap)
             allowed, bias = _allowed_and_bias(mask, slice(start, stop))
-            if causal:
-                i = torch.arange(start, stop, device=q.device).unsqueeze(-1) + (keys - length)
-                near = torch.arange(keys, device=q.device) <= i  # (c, S)
-                allowed = near if allowed is None else allowed & near
-            if allowed is None:
-                allowed = torch.ones((), dtype=torch.bool, device=q.device)
-            allowed = allowed.expand_as(scores)
-            top = torch.maximum(top, scores.masked_fill(~allowed, -math.inf).amax(dim=(0, 2, 3)))
+            blocked = None if allowed is None else ~allowed
+            if key_pos is not None:  # key j is hidden from query i when j > i + S - L
+                later = key_pos > torch.arange(start + keys - length, stop + keys - length, device=q.device)[:, None]
+                blocked = later if blocked is None else blocked | later
+            if blocked is not None:
+                scores.masked_fill_(blocked, -math.inf)
+            top = torch.maximum(top, scores.amax(dim=(0, 2, 3)))
             if bias is not None:
-                scores = scores + bias
-            logits = scores.masked_fill_(~allowed, -math.inf)
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, H, c, 1); -inf on rows with no key
-            valid = allowed.any(dim=-1)
-            p = torch.exp(logits - torch.where(valid.unsqueeze(-1), lse, 0.0))
-            expected = (p * logits.masked_fill(~allowed, 0.0)).sum(dim=-1)
+                scores.add_(bias)
+            # entropy = log(sum e^z) - sum(e^z * z) / sum(e^z) with z = s - max(s): the softmax's own
+            # shift, so e^z <= 1; a row with no allowed key sums to 0 and is left out
+            z = scores.sub_(scores.amax(dim=-1, keepdim=True).clamp_(min=floor))
+            e = torch.exp(z)
+            if blocked is not None:
+                z.masked_fill_(blocked, 0.0)  # e^z is 0 there; 0 * -inf would be NaN
+            total = e.sum(dim=-1)
+            weighted = e.mul_(z).sum(dim=-1)
+            valid = total != 0  # NaN scores stay valid: the entropy then reads NaN, as it should
             # clamped: with logits in the thousands the float32 difference can read a hair below 0
-            entropy = torch.where(valid, lse.squeeze(-1) - expected, 0.0).clamp_(min=0.0)
+            entropy = torch.where(valid, total.log() - weighted / total, 0.0).clamp_(min=0.0)
             ent += entropy.sum(dim=(0, 2), dtype=torch.float64)
-            rows += valid.sum(dim=(0, 2)).to(torch.float64)
+            rows += valid.sum(dim=(0, 2), dtype=torch.float64)
         return ent, rows, top
 
 
