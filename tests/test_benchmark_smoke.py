@@ -108,3 +108,19 @@ def test_peak_memory_reads_the_same_peak_for_the_same_work() -> None:
     assert abs(trials["none"].growth_mib - trials["none+tb"].growth_mib) < 4.0
     assert trials["health@50"].growth_mib >= trials["health@50-noupdate"].growth_mib - 1.0
     assert "| mlp | no monitor |" in "\n".join(table(list(trials.values()), ["mlp"]))
+
+
+def test_gpu_check_runs_its_sections_and_finds_the_planted_nan(tmp_path: Path) -> None:
+    """The GPU check's script at smoke size on the CPU: the reductions agree with NumPy, a sync count
+    is taken per step, and the CNN whose weight turns NaN mid-run gets a non-finite finding."""
+    import json
+
+    from benchmarks import gpu_check
+
+    out = tmp_path / "gpu.json"
+    gpu_check.main(["--small", "--sections", "exact,syncs,findings", "--sync-every", "5", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["exact"] == {"cases": 9, "problems": []}
+    assert result["syncs/cnn/5"]["sampled"]["steps"] == 2
+    assert any("NaN/Inf" in line for line in result["findings/cnn-nan@10"])
+    assert not any("NaN/Inf" in line for line in result["findings/cnn@1"])
