@@ -38,8 +38,22 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 # Elements reduced per pass over a large tensor: bounds the reused temporary at 8 MiB whatever the
 # layer's size (a 33 MiB conv activation would otherwise keep a 33 MiB buffer alive all run).
 CHUNK = 1 << 21
+ACCELERATOR_CHUNK = 1 << 23
+"""Elements per pass on an accelerator (a 32 MiB temporary), where each pass's dozen small kernels
+cost more than its arithmetic: a GPT-2-small MLP activation (25M values at batch 8 x 1024) takes 3
+passes instead of 12. Below 2**24, so 0/1 counts summed in float32 stay exact."""
 # Elements per written pass on the host-bounds path (CPU): a 2 MiB buffer, read back from cache.
 HOST_PASS = 1 << 19
+
+
+def chunk_size(x: Tensor) -> int:
+    """Elements reduced per pass over ``x``: :data:`CHUNK` on a CPU, :data:`ACCELERATOR_CHUNK` elsewhere.
+
+    Example:
+        >>> chunk_size(torch.empty(3)) == CHUNK, chunk_size(torch.empty(3, device="meta")) == ACCELERATOR_CHUNK
+        (True, True)
+    """
+    return CHUNK if x.device.type == "cpu" else ACCELERATOR_CHUNK
 
 
 def reads_bounds(x: Tensor) -> bool:
@@ -114,7 +128,7 @@ def _centred_moments(x: Tensor, lo: Tensor, hi: Tensor, buf: Tensor) -> tuple[Te
 
 
 def _count(mark: Tensor) -> Tensor:
-    """The number of ones in a float 0/1 buffer of at most CHUNK elements, as float64 (exact: < 2**24)."""
+    """The number of ones in a float 0/1 buffer of at most one chunk, as float64 (exact: < 2**24)."""
     return mark.sum().to(_WIDE)
 
 
@@ -145,9 +159,9 @@ def activation_totals(
             ``y <= low`` or ``y >= high`` (``-inf``/``inf`` for a side that never saturates): the
             thresholds an activation's probed profile gives (see
             :attr:`lightning_health.capture.profile.ActivationProfile.saturation`).
-        scratch: an optional float32 buffer of at least ``min(y.numel(), CHUNK)`` elements to
+        scratch: an optional float32 buffer of at least ``min(y.numel(), chunk_size(y))`` elements to
             reuse for the temporary (see :class:`Scratch`); its contents are overwritten. Tensors
-            larger than :data:`CHUNK` are reduced chunk by chunk.
+            larger than :func:`chunk_size` are reduced chunk by chunk.
         moments: ``[sum, sum of squares]`` of ``y`` in float64 when the caller already has them
             (the hooks sum per-unit moments, :func:`lightning_health.readings.collapse.unit_moments`):
             on the host-bounds path they replace the two moment passes while ``y`` is finite.
@@ -175,8 +189,8 @@ def activation_totals(
         if moments is not None:
             fused.take_moments(whole, moments, (A_SUM, A_SUMSQ, A_MIN, A_MAX))
         return fused.to_device(whole, x.device)
-    if x.numel() > CHUNK:
-        parts = (activation_totals(p, bounds, margin, scratch, thresholds=thresholds) for p in x.split(CHUNK))
+    if x.numel() > chunk_size(x):
+        parts = (activation_totals(p, bounds, margin, scratch, thresholds=thresholds) for p in x.split(chunk_size(x)))
         return combine_activation_totals(*parts)
     buf = _buffer(x, scratch)
     lo, hi = torch.aminmax(x)
@@ -223,8 +237,8 @@ def gradient_totals(g: Tensor, scratch: Tensor | None = None) -> Tensor:
         floats = [fused.gradient_floats(p, buf) for p in x.split(CHUNK)]
         whole = floats[0] if len(floats) == 1 else fused.combine(floats, mins=(), maxes=(G_ABSMAX,))
         return fused.to_device(whole, x.device)
-    if x.numel() > CHUNK:
-        return combine_gradient_totals(*(gradient_totals(part, scratch) for part in x.split(CHUNK)))
+    if x.numel() > chunk_size(x):
+        return combine_gradient_totals(*(gradient_totals(part, scratch) for part in x.split(chunk_size(x))))
     buf = _buffer(x, scratch)
     lo, hi = torch.aminmax(x)
     total, total_sq = _centred_moments(x, lo, hi, buf)
@@ -234,7 +248,7 @@ def gradient_totals(g: Tensor, scratch: Tensor | None = None) -> Tensor:
 
 
 class Scratch:
-    """One reusable float32 buffer per device, as large as the largest tensor seen up to :data:`CHUNK`
+    """One reusable float32 buffer per device, as large as the largest tensor seen up to one chunk
     (:data:`HOST_PASS` on a CPU, whose passes go through a tensor one buffer length at a time).
 
     The reductions write one temporary per tensor (per chunk of a large one); reusing it keeps a
@@ -247,7 +261,7 @@ class Scratch:
 
     def get(self, like: Tensor) -> Tensor:
         buf = self._buffers.get(like.device)
-        size = min(like.numel(), HOST_PASS if reads_bounds(like) else CHUNK)
+        size = min(like.numel(), HOST_PASS if reads_bounds(like) else chunk_size(like))
         if buf is None or buf.numel() < size:
             buf = torch.empty(size, dtype=torch.float32, device=like.device)
             self._buffers[like.device] = buf
