@@ -269,7 +269,9 @@ class UpdateTracker:
         local = [local_tensor(p.detach()) for p in entry.live]
         step.deltas += update_squares(entry.copy, local, entry.slots, len(step.chosen), weights)
         step.held -= entry.nbytes
-        self._spare.update((id(p), t) for p, t in zip(entry.live, entry.copy))
+        # kept for the next sampled step on a CPU only: there a fresh buffer page-faults; a GPU's caching
+        # allocator hands the same blocks back, and a kept copy would sit through the next step's peak
+        self._spare.update((id(p), t) for p, t in zip(entry.live, entry.copy) if t.device.type == "cpu")
         entry.copy = []
 
     def after_step(self) -> tuple[Tensor | None, list[int]]:
