@@ -5,6 +5,8 @@ pinned memory per step would cost more than the copy), and a CUDA event marks it
 reads the values when the monitor lands the step, a training batch later, by which time the copy has
 long finished: the device never waits for the monitor's host work. Elsewhere (a CPU tensor) the
 values are read at once: there is no device to keep busy, and a read costs nothing.
+:func:`to_device` is the way back for the few small index lists a sampled step sends, likewise
+without making the device wait.
 
 Example:
     >>> copy = HostCopy(torch.tensor([1.0, 2.0]), {})
