@@ -135,7 +135,7 @@ def fit(name: str, every: int, steps: int, small: bool, callbacks: list[Callback
 # ----------------------------------------------------------------------------------------------- exact
 
 
-def check_exact(device: str) -> dict[str, Any]:
+def check_exact(device: str, small: bool = False) -> dict[str, Any]:
     """Device-path totals of awkward tensors against NumPy: mismatches listed, empty when exact."""
     import numpy as np
 
@@ -144,7 +144,8 @@ def check_exact(device: str) -> dict[str, Any]:
     problems, checked = [], 0
     gen = torch.Generator().manual_seed(3)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for n in (1000, 1 << 20, R.CHUNK + 12345):
+        sizes = (1000, 1 << 20, R.CHUNK + 12345) + (() if small else (R.ACCELERATOR_CHUNK + 12345,))
+        for n in sizes:  # the last ones straddle a chunk boundary (a CPU's, an accelerator's)
             x = torch.randn(n, generator=gen).relu()
             x[:7] = torch.tensor([0.0, -0.0, math.nan, math.inf, -math.inf, 1e-40, -3.0])
             x = x.to(dtype)
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     s, every = (10, 5) if args.small else (1, 50)
     sizes = {"gpt2": (10, 100), "cnn": (20, 200)}  # warm-up and timed steps: 2 and 4 sampled at every 50
     jobs: dict[str, list[tuple[str, Callable[[], Any]]]] = {
-        "exact": [("exact", lambda: check_exact(device))],
+        "exact": [("exact", lambda: check_exact(device, args.small))],
         "syncs": [
             (f"syncs/{w}/{e}", (lambda w=w, e=e: count_syncs(w, args.small, e, 2 * every + 4)))
             for w in ("cnn", "gpt2")
