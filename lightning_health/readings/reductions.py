@@ -119,12 +119,14 @@ def _centred_moments(x: Tensor, lo: Tensor, hi: Tensor, buf: Tensor) -> tuple[Te
     """
     centre = lo.clamp(min=0.0).add_(hi.clamp(max=0.0)).nan_to_num_(0.0, 0.0, 0.0)  # min if > 0, max if < 0
     reach = torch.sub(hi, lo).nan_to_num_(0.0, _FLOAT32_MAX, 0.0)  # >= every |x - c|
-    # An exact power of two; at most 2**126, so a layer of subnormal values is not scaled to inf.
-    scale = torch.ldexp(torch.ones_like(reach), torch.frexp(reach).exponent.neg_().clamp_(max=126))
+    # A power of two (exp2 of an integer); at most 2**126, so a layer of subnormal values is not scaled to inf.
+    scale = torch.exp2(torch.frexp(reach).exponent.clamp_(min=-126).neg_().float())
     torch.sub(x, centre, out=buf).mul_(scale)
     wide = torch.stack([buf.sum(), torch.linalg.vector_norm(buf), centre, scale]).to(_WIDE)
-    s1, c, n = wide[0] / wide[3], wide[2], float(x.numel())
-    return s1 + n * c, (wide[1] / wide[3]).square() + c * (2 * s1 + n * c)
+    # one-element float64 kernels from here on (on a GPU each costs a launch, not arithmetic): few
+    s1_norm, c = wide[:2] / wide[3], wide[2]
+    total = torch.add(s1_norm[0], c, alpha=float(x.numel()))  # S1 / s + n c
+    return total, (s1_norm[0] + total).mul_(c).addcmul_(s1_norm[1], s1_norm[1])  # (N/s)^2 + c (2 S1/s + n c)
 
 
 def _count(mark: Tensor) -> Tensor:
