@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import inspect
+import os
 import pickle
 from pathlib import Path
 
@@ -145,8 +147,6 @@ def test_one_host_transfer_per_sampled_step_and_none_between(monkeypatch, path):
     CPU tensors take the host-bounds path: there a scalar read waits for no device, and each
     tensor's two bounds are read (in ``readings/fused.py`` only, nowhere else) to skip passes.
     """
-    import inspect
-
     import lightning_health
     from lightning_health.readings import reductions
 
@@ -187,6 +187,53 @@ def test_one_host_transfer_per_sampled_step_and_none_between(monkeypatch, path):
         if s is not None:  # inside a training batch, from forward to the end of the monitor's step
             per_step.setdefault(s, []).append(name)
     assert per_step == {0: ["tolist"], 4: ["tolist"], 8: ["tolist"]}
+
+
+_WAITS_ON_CUDA = (
+    "aten._local_scalar_dense", "aten.nonzero", "aten.bincount", "aten.masked_select", "aten.unique",
+    "aten._unique", "aten.repeat_interleave", "aten.equal", "aten.is_nonzero", "aten.histc",
+)  # fmt: skip
+"""Ops whose CUDA kernels read a value back to the host (an output size, a bool): each a blocking sync."""
+
+
+@pytest.mark.parametrize("workload", ["cnn", "gpt2"])
+def test_the_device_path_calls_no_op_that_waits_on_cuda(monkeypatch, workload):
+    """The GPU check found CUDA's bincount syncing once per histogram; this catches such an op on a CPU.
+    The reductions are forced onto their device path; every op of the monitor's sampled steps is seen
+    by a dispatch mode. One branch may read: collapse's per-position moments, taken for CPU tensors
+    only (``unit_moments`` sends other devices to the branch-free shifted sums)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from benchmarks.gpu_check import workload as build
+    from lightning_health.readings import reductions
+
+    monkeypatch.setattr(reductions, "reads_bounds", lambda x: False)
+    seen: list[tuple[str, str]] = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func).startswith(_WAITS_ON_CUDA):
+                frame = inspect.currentframe()
+                while frame is not None and f"{os.sep}lightning_health{os.sep}" not in frame.f_code.co_filename:
+                    frame = frame.f_back
+                if frame is not None:
+                    seen.append((str(func), f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}"))
+            return func(*args, **(kwargs or {}))
+
+    class Watch(pl.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            self.mode = Ops()
+            self.mode.__enter__()
+
+        def on_train_batch_end(self, trainer, *args):
+            self.mode.__exit__(None, None, None)
+
+    module, loader, _precision = build(workload, small=True, steps=4)
+    monitor = HealthMonitor(every_n_steps=1, verbose=False)
+    trainer = pl.Trainer(callbacks=[Watch(), monitor], **trainer_kwargs(max_steps=4))
+    trainer.fit(module, loader)
+    assert monitor.curves("act_mean"), "nothing was read"
+    assert {where for _op, where in seen} <= {"collapse.py:_position_moments"}, seen
 
 
 def test_plain_steps_hold_no_buffers_of_the_sampled_ones():
