@@ -25,6 +25,7 @@ order rotated from round to round, so slow drifts of the machine hit all variant
 
 from __future__ import annotations
 
+import argparse
 import gc
 import multiprocessing as mp
 import os
@@ -369,6 +370,22 @@ class BenchmarkConfig:
             tiny=quick,
             **options,
         )
+
+    @staticmethod
+    def parser(prog: str, description: str, workloads: str) -> argparse.ArgumentParser:
+        """A trial benchmark's command line: ``--workloads``, ``--repeats`` and ``--quick`` (the
+        arguments :meth:`sized` takes); the benchmark adds its own."""
+        parser = argparse.ArgumentParser(prog=prog, description=description)
+        split = lambda text: [w for w in text.split(",") if w]  # noqa: E731 - a default string is split too
+        parser.add_argument("--workloads", type=split, default=workloads, help=f"comma-separated ({workloads})")
+        parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
+        parser.add_argument("--quick", action="store_true", help="tiny shapes, one round, a few steps (a smoke run)")
+        return parser
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, variants: Sequence[Variant], **options: Any) -> BenchmarkConfig:
+        """:meth:`sized` from the command line of :meth:`parser`; ``options``: steps, dense_steps and the rest."""
+        return cls.sized(args.workloads, variants, quick=args.quick, repeats=args.repeats, **options)
 
     def steps_for(self, variant: Variant) -> int:
         """Timed steps per trial: every-step variants need fewer to resolve their (large) ratios."""

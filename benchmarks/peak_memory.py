@@ -26,7 +26,6 @@ Variants, interleaved as in the step-time benchmark (fresh process per trial, 3 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from collections.abc import Callable, Sequence
@@ -74,24 +73,18 @@ def table(trials: Sequence[TrialResult], workloads: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.peak_memory", description=__doc__.split("\n")[0])
-    parser.add_argument("--workloads", default="mlp,cnn,lm", help="comma-separated (default: mlp,cnn,lm)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, one round, a few steps (a smoke run)")
+    parser = BenchmarkConfig.parser("python -m benchmarks.peak_memory", __doc__.split("\n")[0], "mlp,cnn,lm")
     args = parser.parse_args(argv)
-    workloads = [w for w in args.workloads.split(",") if w]
-    config = BenchmarkConfig.sized(
-        workloads,
+    config = BenchmarkConfig.from_args(
+        args,
         VARIANTS,
-        quick=args.quick,
-        repeats=args.repeats,
         steps=60,
         dense_steps=15,
         max_foreign_cpu=float("inf"),  # memory does not depend on other processes' CPU use
         live_memory=True,
     )
     result = run_benchmark(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    lines = table(result.trials, workloads)
+    lines = table(result.trials, config.workloads)
     print("\n".join(lines), flush=True)
     return lines
 

@@ -29,7 +29,6 @@ Printed per workload:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -164,27 +163,21 @@ def summarise(workload: str, trials: Sequence[TrialResult], repeats: int, snapsh
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.update_ratio_cost", description=__doc__.split("\n")[0])
-    parser.add_argument("--workloads", default="mlp,lm", help="comma-separated (default: mlp,lm)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
+    parser = BenchmarkConfig.parser("python -m benchmarks.update_ratio_cost", __doc__.split("\n")[0], "mlp,lm")
     parser.add_argument("--steps", type=int, default=100, help=f"timed steps of the every-{CADENCE} variants")
     parser.add_argument("--dense-steps", type=int, default=20, help="timed steps of the every-step variants")
     parser.add_argument("--retries", type=int, default=3, help="re-runs of a trial that other processes slowed")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, one round, a few steps (a smoke run)")
     args = parser.parse_args(argv)
-    workloads = [w for w in args.workloads.split(",") if w]
-    config = BenchmarkConfig.sized(
-        workloads,
+    config = BenchmarkConfig.from_args(
+        args,
         VARIANTS,
-        quick=args.quick,
-        repeats=args.repeats,
         steps=args.steps,
         dense_steps=args.dense_steps,
         max_retries=args.retries,
     )
     result = run_benchmark(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
     lines = []
-    for workload in workloads:
+    for workload in config.workloads:
         trials = [t for t in result.trials if t.workload == workload]
         lines += summarise(workload, trials, config.repeats, snapshot_bytes(workload, args.quick))
         step_ms, extra_ms = direct_cost(workload, args.quick)
