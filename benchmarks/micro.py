@@ -9,7 +9,8 @@ tensors only, with 2 threads:
 * **reductions**: exactly the per-layer work HealthMonitor's hooks do on a sampled step by
   default (see ``lightning_health/capture/hooks.py``): per activation ``unit_fire_mask``, the
   per-unit ``|a|`` sums and moments, ``activation_totals`` (reusing the moments) and
-  ``histogram_counts(histogram_sample(...))``, per gradient ``gradient_totals`` + histogram, then
+  the histogram samples (binned together per kind, as the step end does), per gradient
+  ``gradient_totals`` + histogram sample, then
   everything stacked and moved to the host once.
 
 The ratio of the two is the distance to the physical limit (issue 5's target: within 4x). A
@@ -103,14 +104,15 @@ def _parts(c: Captured, bins: int = 64, samples: int = 8192) -> dict[str, Callab
     """The hooks' per-layer work, part by part, as ``lightning_health/capture/hooks.py`` does it by default:
     the reused scratch buffer, histogram boundaries made once, per-unit ``|a|`` sums (dormancy) and
     moments (collapse), whose totals the activation totals reuse."""
+    from lightning_health.capture.histograms import ACT, GRAD, StepHistograms
     from lightning_health.readings import reductions as R
     from lightning_health.readings.collapse import unit_moments
     from lightning_health.readings.dormancy import unit_abs_sums
 
     scratch = R.Scratch()
-    act_edges = R.symlog_edges(bins, 1e-4, 1e4)
-    grad_edges = R.symlog_edges(bins, 1e-9, 1e3)
-    act_bounds, grad_bounds = R.bucket_boundaries(act_edges), R.bucket_boundaries(grad_edges)
+    step_histograms = StepHistograms(
+        {"layer": R.symlog_edges(bins, 1e-4, 1e4)}, R.symlog_edges(bins, 1e-9, 1e3), samples
+    )
     pairs = list(zip(c.activations, c.neuron_dims, c.bounds, strict=True))
 
     def activation_totals() -> list[Tensor]:
@@ -129,16 +131,18 @@ def _parts(c: Captured, bins: int = 64, samples: int = 8192) -> dict[str, Callab
             for (y, d, _b), s in zip(pairs, c.unit_sums)
         ]
 
+    def histograms(kind: str, tensors: list[Tensor]) -> list[Tensor]:
+        """Each hook copies its sample; the step end bins them all at once (capture/histograms.py)."""
+        for index, t in enumerate(tensors):
+            step_histograms.take(kind, index, "layer" if kind == ACT else None, t)
+        return list(step_histograms.counts().values())
+
     return {
         "fire mask": fire_masks,
         "activation totals + per-unit sums": activation_totals,
-        "activation histogram": lambda: [
-            R.histogram_counts(R.histogram_sample(y, samples), act_edges, act_bounds) for y in c.activations
-        ],
+        "activation histogram": lambda: histograms(ACT, c.activations),
         "gradient totals": lambda: [R.gradient_totals(g, scratch.get(g)) for g in c.gradients],
-        "gradient histogram": lambda: [
-            R.histogram_counts(R.histogram_sample(g, samples), grad_edges, grad_bounds) for g in c.gradients
-        ],
+        "gradient histogram": lambda: histograms(GRAD, c.gradients),
     }
 
 

@@ -220,17 +220,21 @@ def test_the_device_path_calls_no_op_that_waits_on_cuda(monkeypatch, workload):
                     seen.append((str(func), f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}"))
             return func(*args, **(kwargs or {}))
 
-    class Watch(pl.Callback):
-        def on_train_batch_start(self, trainer, *args):
-            self.mode = Ops()
-            self.mode.__enter__()
+    mode = Ops()
 
+    class Watch(pl.Callback):
+        """Before the monitor at a batch's start, after it at its end: the step end is watched too."""
+
+        def on_train_batch_start(self, trainer, *args):
+            mode.__enter__()
+
+    class Unwatch(pl.Callback):
         def on_train_batch_end(self, trainer, *args):
-            self.mode.__exit__(None, None, None)
+            mode.__exit__(None, None, None)
 
     module, loader, _precision = build(workload, small=True, steps=4)
     monitor = HealthMonitor(every_n_steps=1, verbose=False)
-    trainer = pl.Trainer(callbacks=[Watch(), monitor], **trainer_kwargs(max_steps=4))
+    trainer = pl.Trainer(callbacks=[Watch(), monitor, Unwatch()], **trainer_kwargs(max_steps=4))
     trainer.fit(module, loader)
     assert monitor.curves("act_mean"), "nothing was read"
     assert {where for _op, where in seen} <= {"collapse.py:_position_moments"}, seen

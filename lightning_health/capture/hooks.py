@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from lightning_health.capture.histograms import ACT, GRAD, StepHistograms
 from lightning_health.capture.selection import MonitoredLayer, activation_profile
 from lightning_health.capture.sharding import ShardPlan, local_tensor
 from lightning_health.readings import kernels
@@ -178,12 +179,11 @@ class Capture:
         self.forward_order: dict[int, None] = {}  # layer indices in the order of their first call
         self.act_edges = dict(act_edges) if act_edges is not None else None
         self.grad_edges = grad_edges
-        self._samples = histogram_samples
+        self.histograms = StepHistograms(act_edges, grad_edges, histogram_samples)
         self._margin = saturation_margin
         self._compiled = compile_reductions
         self._thresholds: dict[tuple[int, torch.device], Tensor] = {}  # fused-kernel saturation thresholds
         self.scratch = R.Scratch()  # one reused temporary per device for the eager reductions
-        self._device_edges: dict[tuple[str | None, torch.device], tuple[Tensor, Tensor]] = {}  # made once
         self._handles: list[RemovableHandle] = []
         self._broken: set[int] = set()
         self.reported: set[int] = set()  # layers that got a reading in the current pass (cleared by reset)
@@ -231,6 +231,7 @@ class Capture:
         """Forget everything gathered (start of a sampled step or of a validation pass)."""
         for buf in self.buffers:
             buf.clear()
+        self.histograms.clear()
         self.reported = set()
 
     SETTLE_AFTER = 2
@@ -325,8 +326,7 @@ class Capture:
         totals = self._activation_totals(index, y, moments)
         buf.act = totals if buf.act is None else R.combine_activation_totals(buf.act, totals)
         if self.act_edges is not None:
-            hist = R.histogram_counts(R.histogram_sample(y, self._samples), *self._edges_on(layer.name, y.device))
-            buf.act_hist = hist if buf.act_hist is None else buf.act_hist + hist
+            self.histograms.take(ACT, index, layer.name, y)
 
     def _fired(self, index: int, y: Tensor, dim: int, moments: Tensor | None) -> Tensor:
         """Which units output > 0: from the per-unit sums when the activation is never negative
@@ -370,18 +370,6 @@ class Capture:
             y.register_hook(self._make_grad_hook(index))
         return values.detach()
 
-    def _edges_on(self, layer: str | None, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Histogram edges (a layer's, or the gradients' for ``None``) and their bucket boundaries on
-        ``device``, made there once: a per-call copy would block the host on an accelerator."""
-        key = (layer, device)
-        cached = self._device_edges.get(key)
-        if cached is None:
-            source = self.grad_edges if layer is None else self.act_edges[layer]  # type: ignore[index]
-            assert source is not None
-            edges = source.to(device=device, dtype=torch.float32)
-            cached = self._device_edges[key] = (edges, R.bucket_boundaries(edges))
-        return cached
-
     def _activation_totals(self, index: int, y: Tensor, moments: Tensor | None = None) -> Tensor:
         """``moments``: this call's per-unit moments, whose totals spare the eager path its two moment passes."""
         thresholds = self.layers[index].profile.saturation_thresholds(self._margin)
@@ -415,5 +403,13 @@ class Capture:
         totals = kernels.gradient_totals(g) if self._compiled else R.gradient_totals(g, scratch=self.scratch.get(g))
         buf.grad = totals if buf.grad is None else R.combine_gradient_totals(buf.grad, totals)
         if self.grad_edges is not None:
-            hist = R.histogram_counts(R.histogram_sample(g, self._samples), *self._edges_on(None, g.device))
-            buf.grad_hist = hist if buf.grad_hist is None else buf.grad_hist + hist
+            self.histograms.take(GRAD, index, None, g)
+
+    def bin_histograms(self) -> None:
+        """Bin the step's histogram samples (all at once) into each layer's ``act_hist``/``grad_hist``."""
+        for (kind, index), counts in self.histograms.counts().items():
+            buf = self.buffers[index]
+            if kind == ACT:
+                buf.act_hist = counts if buf.act_hist is None else buf.act_hist + counts
+            else:
+                buf.grad_hist = counts if buf.grad_hist is None else buf.grad_hist + counts

@@ -208,6 +208,7 @@ class Accumulator:
 
     def _pack_train(self, distributed: bool, device: torch.device) -> tuple[list[LayerPlan], Packed]:
         """Every layer's totals, histograms, masks and per-unit sums, in the packed layout."""
+        self.capture.bin_histograms()
         packed = Packed()
         plan = []
         hist = self._grad_hist_len()
