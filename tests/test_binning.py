@@ -90,3 +90,19 @@ def test_histograms_of_a_new_step_start_empty():
     step.take(H.GRAD, 0, None, -torch.ones(5))
     (counts,) = step.counts().values()
     assert counts.sum().item() == 5
+
+
+def test_a_step_of_other_shapes_is_binned_with_its_own_rows():
+    """Sequence lengths change between steps: each step's layout gets its own row offsets."""
+    edges = R.symlog_edges(8, 1e-3, 1e3)
+    step = H.StepHistograms({"a": edges}, edges, samples=100)
+    g = torch.Generator().manual_seed(5)
+    for length in (300, 77, 300):
+        act, grad = torch.randn(length, generator=g), torch.randn(length // 2, generator=g) * 1e-2
+        step.take(H.ACT, 0, "a", act)
+        step.take(H.GRAD, 0, None, grad)
+        step.take(H.GRAD, 1, None, -grad)
+        got = step.counts()
+        for key, t in (((H.ACT, 0), act), ((H.GRAD, 0), grad), ((H.GRAD, 1), -grad)):
+            sample = R.histogram_sample(t, 100).numpy()
+            assert got[key].tolist() == _numpy_counts(sample, edges.numpy()), (length, key)

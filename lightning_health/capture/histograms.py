@@ -14,11 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_health.pipeline.host_copy import to_device
 from lightning_health.readings import reductions as R
 from lightning_health.readings.binning import Binning
 
@@ -125,15 +123,15 @@ class StepHistograms:
         return counts.to(torch.float64).view(n_rows, width)
 
     def _row_offsets(self, lengths: list[int], rows: list[int], width: int, device: torch.device) -> Tensor:
-        """Each value's row times ``width``, built once per layout (the same every sampled step) and
-        moved to the device once (a host list copied per step would block the host on CUDA)."""
+        """Each value's row times ``width``, made once per layout (the same every sampled step) on the
+        device itself, from fills: no host-to-device copy, which would block the host on CUDA."""
         key = (tuple(lengths), tuple(rows), width, device)
         offsets = self._offsets.get(key)
         if offsets is None:
-            if len(self._offsets) >= 8:  # a layout changes only when layers come or go: keep a few
+            if len(self._offsets) >= 8:  # a layout changes only when layers or shapes change: keep a few
                 self._offsets.clear()
-            per_value = np.repeat(np.asarray(rows, dtype=np.int64) * width, lengths)  # on the host
-            small = device.type == "cpu" and per_value.size > 0 and int(per_value[-1]) < 2**31
+            small = device.type == "cpu" and max(rows) * width < 2**31
             dtype = torch.int32 if small else torch.int64  # the dtype of the slots: the CPU lookup's, bucketize's
-            offsets = self._offsets[key] = to_device(torch.from_numpy(per_value), device, dtype)
+            parts = [torch.full((n,), row * width, dtype=dtype, device=device) for row, n in zip(rows, lengths)]
+            offsets = self._offsets[key] = torch.cat(parts)
         return offsets

@@ -88,7 +88,7 @@ class Pending(Generic[T]):
         return self.copy.pending
 
 
-def to_device(values: Sequence[int] | Tensor, device: torch.device, dtype: torch.dtype = torch.long) -> Tensor:
+def to_device(values: Sequence[int], device: torch.device, dtype: torch.dtype = torch.long) -> Tensor:
     """Host ``values`` as a tensor on ``device``, without a blocking copy on CUDA.
 
     ``torch.tensor(values, device="cuda")`` copies from pageable memory and waits for the device
@@ -100,7 +100,7 @@ def to_device(values: Sequence[int] | Tensor, device: torch.device, dtype: torch
         >>> to_device([2, 0, 1], torch.device("cpu")).tolist()
         [2, 0, 1]
     """
-    host = values.to(dtype) if isinstance(values, Tensor) else torch.tensor(values, dtype=dtype)
+    host = torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
