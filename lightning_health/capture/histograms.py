@@ -113,14 +113,7 @@ class StepHistograms:
         if n_rows > 1:
             offsets = self._row_offsets([s.numel() for s in samples], rows, width, values.device)
             slots = slots.to(offsets.dtype).add_(offsets)
-        size = n_rows * width
-        if R.reads_bounds(values):  # a host tensor: bincount is fastest there
-            counts = torch.bincount(slots, minlength=size)
-        else:  # CUDA's bincount reads its input back to size its output (a blocking sync): scatter instead
-            counts = torch.zeros(size, dtype=torch.float64, device=values.device)
-            ones = torch.ones(slots.numel(), dtype=torch.float64, device=values.device)
-            counts.scatter_add_(0, slots.to(torch.int64), ones)
-        return counts.to(torch.float64).view(n_rows, width)
+        return R.slot_counts(slots, n_rows * width).view(n_rows, width)
 
     def _row_offsets(self, lengths: list[int], rows: list[int], width: int, device: torch.device) -> Tensor:
         """Each value's row times ``width``, made once per layout (the same every sampled step) on the

@@ -406,10 +406,10 @@ class Capture:
             self.histograms.take(GRAD, index, None, g)
 
     def bin_histograms(self) -> None:
-        """Bin the step's histogram samples (all at once) into each layer's ``act_hist``/``grad_hist``."""
+        """Bin the step's histogram samples (all at once) into each layer's ``act_hist``/``grad_hist``
+        (the counts already sum a layer's calls; binned once per step, a second call finds none)."""
         for (kind, index), counts in self.histograms.counts().items():
-            buf = self.buffers[index]
             if kind == ACT:
-                buf.act_hist = counts if buf.act_hist is None else buf.act_hist + counts
+                self.buffers[index].act_hist = counts
             else:
-                buf.grad_hist = counts if buf.grad_hist is None else buf.grad_hist + counts
+                self.buffers[index].grad_hist = counts

@@ -385,13 +385,22 @@ def histogram_counts(x: Tensor, edges: Tensor, boundaries: Tensor | None = None)
     """
     b = boundaries if boundaries is not None else bucket_boundaries(edges.to(x.device))
     v = _as_float(x).reshape(-1).float().nan_to_num(nan=math.inf, neginf=math.inf)  # non-finite -> last slot
-    slots = torch.bucketize(v, b, right=True)
-    if reads_bounds(v):  # a host tensor: bincount is fastest there
-        return torch.bincount(slots, minlength=b.numel() + 1).to(_WIDE)
+    return slot_counts(torch.bucketize(v, b, right=True), b.numel() + 1)
+
+
+def slot_counts(slots: Tensor, size: int) -> Tensor:
+    """How many of ``slots`` (integers in ``[0, size)``) hold each value, as a float64 vector of ``size``.
+
+    Example:
+        >>> slot_counts(torch.tensor([0, 2, 2]), 4).tolist()
+        [1.0, 0.0, 2.0, 0.0]
+    """
+    if reads_bounds(slots):  # a host tensor: bincount is fastest there
+        return torch.bincount(slots, minlength=size).to(_WIDE)
     # CUDA's bincount reads its largest input back to size the output (a blocking sync per call, and
     # no deterministic kernel); the size is known, so scatter the ones instead (exact below 2**53)
-    counts = torch.zeros(b.numel() + 1, dtype=_WIDE, device=v.device)
-    return counts.scatter_add_(0, slots, torch.ones(slots.numel(), dtype=_WIDE, device=v.device))
+    counts = torch.zeros(size, dtype=_WIDE, device=slots.device)
+    return counts.scatter_add_(0, slots.long(), torch.ones(slots.numel(), dtype=_WIDE, device=slots.device))
 
 
 def symlog_edges(bins: int, smallest: float, largest: float) -> Tensor:
