@@ -103,6 +103,7 @@ def as_config(monitor: Any) -> dict[str, Any]:
         "dashboard": monitor.dashboard,
         "heatmap_every_n_samples": monitor.heatmap_every_n_samples,
         "update_ratio_max_bytes": monitor.update_ratio_max_bytes,
+        "update_ratio_sample": monitor.update_ratio_sample,
         "attention": monitor.attention if isinstance(monitor.attention, bool) else repr(monitor.attention),
         **dataclasses.asdict(monitor.rescue_settings),
     }

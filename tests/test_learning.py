@@ -132,6 +132,45 @@ def test_the_byte_budget_rotates_the_modules_and_bounds_the_copy():
     assert UpdateTracker(groups, max_bytes=1000).too_large == ["net.2", "net.4", "net.6"]
 
 
+def _moved_weight(rows: int, cols: int, seed: int = 0) -> tuple[list[tuple[str, list[nn.Parameter]]], torch.Tensor]:
+    """A weight and an update whose rows differ in scale by up to 1000x, as a layer's gradient rows do."""
+    g = torch.Generator().manual_seed(seed)
+    weight = nn.Parameter(torch.randn(rows, cols, generator=g))
+    scales = torch.logspace(-3, 0, rows)[torch.randperm(rows, generator=g)].reshape(-1, 1)
+    return [("w", [weight])], 1e-3 * scales * torch.randn(rows, cols, generator=g)
+
+
+@pytest.mark.parametrize("shape", [(300, 999), (4, 1537)])  # runs of 73 or 74 blocks; of 1 or 2
+def test_a_sampled_copy_estimates_the_update_without_bias_and_holds_only_the_sample(shape):
+    """A parameter larger than the sample is copied on a stratified sample of blocks; the reference is the
+    float64 norm of the whole update, computed here. Both shapes end in a tail of 4 values."""
+    groups, delta = _moved_weight(*shape)
+    weight = groups[0][1][0]
+    exact = (delta.double().norm() / weight.detach().double().norm()).item()
+    tracker = UpdateTracker(groups, max_bytes=None, sample=4096)
+    user_stream = torch.get_rng_state()
+    estimates = []
+    for _ in range(200):
+        tracker.before_step()
+        with torch.no_grad():
+            weight.add_(delta)
+        vector, _read = tracker.after_step()
+        with torch.no_grad():
+            weight.sub_(delta)
+        estimates.append(vector[1].item())
+    assert torch.equal(torch.get_rng_state(), user_stream)  # the monitor draws from a generator of its own
+    errors = np.abs(np.array(estimates) / exact - 1)
+    assert np.mean(estimates) == pytest.approx(exact, rel=0.01) and errors.max() < 0.15, (np.mean(estimates), exact)
+    assert tracker.peak_bytes == (4096 + 4) * 4  # the drawn blocks and the tail, not the weight's 1.2 MB
+    tracker.before_step()
+    assert tracker.after_step()[0][1].item() == 0.0  # nothing moved: exactly 0, sampled or not
+    whole = UpdateTracker(groups, max_bytes=None, sample=weight.numel())
+    whole.before_step()
+    with torch.no_grad():
+        weight.add_(delta)
+    assert whole.after_step()[0][1].item() == pytest.approx(exact, rel=1e-6)  # no sample: the exact ratio
+
+
 def test_dense_sampling_reuses_the_copy_buffers_and_a_plain_step_frees_them():
     model = PatientMLP()
     groups = [(n, list(m.parameters(recurse=False))) for n, m in model.named_modules() if n in MODULES]
@@ -202,6 +241,30 @@ def test_adam_with_weight_decay_equals_the_difference_of_snapshots_taken_by_the_
     for step in range(6):
         for name in MODULES:
             assert _at(monitor, "update_ratio", name, step) == pytest.approx(spy.ratio(step, name), rel=1e-5)
+
+
+class WidePatient(AdamPatient):
+    """The patient with a 512 x 512 middle layer (262,144 weights: sampled at the default 65,536)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.net = nn.Sequential(nn.Linear(8, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 4))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.1)
+
+
+@pytest.mark.parametrize("sample", [65536, None])
+def test_a_large_layer_is_read_on_a_sample_within_a_percent_and_exactly_without_one(sample):
+    spy, monitor = WeightSpy(), HealthMonitor(every_n_steps=1, verbose=False, update_ratio_sample=sample)
+    _fit(WidePatient(), monitor, spy=spy, steps=6)
+    for step in range(6):
+        for name in ("net.0", "net.2", "net.4"):
+            tolerance = 0.02 if sample is not None and name == "net.2" else 1e-5  # the others fit the sample
+            assert _at(monitor, "update_ratio", name, step) == pytest.approx(spy.ratio(step, name), rel=tolerance)
+            assert _at(monitor, "param_norm", name, step) == pytest.approx(
+                torch.cat([t.double().reshape(-1) for t in spy.before[step][name]]).norm().item(), rel=1e-6
+            )
 
 
 def test_a_module_with_learning_rate_zero_is_stalled_and_no_other_is():
@@ -306,6 +369,8 @@ def test_thresholds_for_the_new_rules_are_validated():
         Thresholds(unstable_update_ratio=0)
     with pytest.raises((TypeError, ValueError), match="update_ratio_max_bytes"):
         HealthMonitor(update_ratio_max_bytes=-1)
+    with pytest.raises(ValueError, match="update_ratio_sample"):
+        HealthMonitor(update_ratio_sample=10)
 
 
 # -- two optimizers under manual optimization -------------------------------------------------------------------

@@ -99,6 +99,7 @@ class Runtime:
             collapse_ratio=monitor.thresholds.collapse_unit_ratio,
         )
         self.max_bytes = monitor.update_ratio_max_bytes
+        self.update_sample = monitor.update_ratio_sample
         self.bind_parameters(pl_module)
         self.sinks = SinkSet([])
         if rank_zero(trainer):
@@ -135,7 +136,7 @@ class Runtime:
         """Collect the modules' parameters (again after ``configure_model`` replaced them: FSDP2, TP)."""
         self.groups = layer_param_groups([(n, m) for n, m in pl_module.named_modules() if n])
         self.norms = StepParamNorms(self.groups)
-        self.updates = UpdateTracker(self.groups, self.max_bytes)
+        self.updates = UpdateTracker(self.groups, self.max_bytes, self.update_sample)
 
     def arm(self, grad_scale: Tensor | None) -> None:
         """Read the coming forward and backward passes."""

@@ -2,8 +2,13 @@
 
 ``update_ratio = ||W_after - W_before|| / ||W_before||`` over all of one module's parameters, for one
 optimizer step. It is computed from the weights themselves (a snapshot before the step, the live
-weights after it), so it is exact whatever the optimizer does: momentum, Adam, weight decay,
+weights after it), so it holds whatever the optimizer does: momentum, Adam, weight decay,
 schedulers, clipping, a GradScaler that skips the step (the weights did not move: 0).
+
+A parameter larger than the sample is snapshotted on a stratified random sample of blocks of
+:data:`BLOCK` values, plus its tail (:class:`Strata`), and its ``||W_after - W_before||^2`` is the
+drawn blocks' scaled up: unbiased, and the copy is a few hundred KiB instead of the weights.
+``||W_before||`` is always read whole.
 
 Example:
     >>> import torch
@@ -17,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -78,6 +84,97 @@ def group_squares(tensors: Sequence[Tensor], owners: Tensor, groups: int, weight
 def group_norms(tensors: Sequence[Tensor], owners: Tensor, groups: int) -> Tensor:
     """The L2 norm of each group's tensors (see :func:`group_squares`), as a float64 vector."""
     return group_squares(tensors, owners, groups).sqrt_()
+
+
+BLOCK = 16
+"""Contiguous values per sampled block (64 bytes in float32, a cache line): small enough that a sample
+of 4,096 blocks is 4,096 nearly independent draws, where rows of a weight matrix differ in scale."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Strata:
+    """How a parameter of ``n`` values is sampled: its whole blocks cut into ``drawn`` runs of
+    consecutive blocks, one block drawn uniformly from each. The first ``wide`` runs hold ``size + 1``
+    blocks, the others ``size``; the values after the last whole block (the tail) are copied whole.
+
+    One block per run is a stratified sample: it covers the tensor evenly (every row of a weight
+    matrix, when there are fewer rows than runs), and the squares of the blocks drawn from runs of
+    ``k`` blocks, times ``k``, plus the tail's, are an unbiased ``||W||^2``.
+
+    Example:
+        >>> s = Strata.of(10 * BLOCK + 3, 4 * BLOCK)
+        >>> (s.drawn, s.size, s.wide, s.numel, s.weights, s.starts)
+        (4, 2, 2, 67, [3.0, 2.0, 1.0], [0, 3, 6, 8])
+    """
+
+    n: int
+    drawn: int
+    size: int
+    wide: int
+
+    @classmethod
+    def of(cls, n: int, sample: int | None) -> Strata | None:
+        """The strata of an ``n``-value parameter for a sample of ``sample`` values; ``None``: copied whole."""
+        if sample is None or n <= sample:
+            return None
+        drawn = max(sample // BLOCK, 1)
+        size, wide = divmod(n // BLOCK, drawn)
+        return cls(n, drawn, size, wide)
+
+    @property
+    def numel(self) -> int:
+        """Values copied: the drawn blocks and the tail."""
+        return self.drawn * BLOCK + self.n % BLOCK
+
+    @property
+    def weights(self) -> list[float]:
+        """The factor of each piece's squares (see :func:`pieces`): wide runs, narrow runs, tail."""
+        runs = [(self.size + 1.0, self.wide), (float(self.size), self.drawn - self.wide), (1.0, self.n % BLOCK)]
+        return [weight for weight, count in runs if count]
+
+    @property
+    def starts(self) -> list[int]:
+        """The first block of each run."""
+        return [j * self.size + min(j, self.wide) for j in range(self.drawn)]
+
+    @property
+    def sizes(self) -> list[int]:
+        """The blocks in each run."""
+        return [self.size + (j < self.wide) for j in range(self.drawn)]
+
+
+def sampled_numel(n: int, sample: int | None) -> int:
+    """How many values of an ``n``-value parameter a snapshot copies (see :class:`Strata`).
+
+    Example:
+        >>> sampled_numel(1000, None), sampled_numel(1000, 4096), sampled_numel(10**6 + 3, 4096)
+        (1000, 1000, 4099)
+    """
+    strata = Strata.of(n, sample)
+    return n if strata is None else strata.numel
+
+
+def draw_blocks(starts: Tensor, sizes: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One block index per run: ``start + floor(u * size)``, ``u`` uniform in [0, 1) (float64 vectors of
+    the runs of one or more parameters, see :attr:`Strata.starts`), on their device.
+
+    The draw uses a generator of the monitor's own: the user's random streams are not touched, and
+    on a GPU nothing waits for the host. No pass over the parameters: the cost is in the sample's size.
+    """
+    u = torch.rand(starts.shape, dtype=starts.dtype, device=starts.device, generator=generator)
+    return u.mul_(sizes).floor_().add_(starts).long()
+
+
+def pieces(value: Tensor, strata: Strata | None, blocks: Tensor | None) -> list[Tensor]:
+    """What of ``value`` the update ratio reads: the whole, or the drawn ``blocks`` of its ``strata``
+    gathered (wide runs' and narrow runs' apart, flat) and its tail, in the order of :attr:`Strata.weights`."""
+    if strata is None or blocks is None:
+        return [value]
+    flat = value.reshape(-1)
+    body = flat.numel() - flat.numel() % BLOCK
+    gathered = flat[:body].view(-1, BLOCK).index_select(0, blocks)
+    out = [gathered[: strata.wide].reshape(-1), gathered[strata.wide :].reshape(-1), flat[body:]]
+    return [t for t in out if t.numel()]
 
 
 def snapshot(params: Sequence[Tensor]) -> list[Tensor]:
