@@ -124,3 +124,11 @@ def test_gpu_check_runs_its_sections_and_finds_the_planted_nan(tmp_path: Path) -
     assert result["syncs/cnn/5"]["sampled"]["steps"] == 2
     assert any("NaN/Inf" in line for line in result["findings/cnn-nan@10"])
     assert not any("NaN/Inf" in line for line in result["findings/cnn@1"])
+
+
+def test_the_sampled_update_ratio_benchmark_compares_against_the_exact_one() -> None:
+    """Two steps of the benchmark's MLP under Adam: every sampled reading within 5% of the exact copy's."""
+    from benchmarks.update_sample import errors
+
+    found = errors("MLP, Adam", steps=2)
+    assert len(found) == 6 and max(found) < 0.05

@@ -88,7 +88,7 @@ class Pending(Generic[T]):
         return self.copy.pending
 
 
-def to_device(values: Sequence[int], device: torch.device, dtype: torch.dtype = torch.long) -> Tensor:
+def to_device(values: Sequence[float], device: torch.device, dtype: torch.dtype = torch.long) -> Tensor:
     """Host ``values`` as a tensor on ``device``, without a blocking copy on CUDA.
 
     ``torch.tensor(values, device="cuda")`` copies from pageable memory and waits for the device

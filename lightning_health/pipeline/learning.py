@@ -5,11 +5,11 @@ How it is taken (a sampled step only; unsampled steps do nothing):
 1. ``on_before_optimizer_step`` (after backward and AMP unscaling, before clipping and before the
    optimizer's update): :meth:`UpdateTracker.before_step` computes ``||W||`` of every module (first
    optimizer of the step) and copies the parameters that this optimizer steps, of the modules it
-   reads this step (exact copies, in their own dtype). Gradient clipping changes gradients, never
-   weights, so this snapshot is the weights the update starts from. It is taken after backward, when
-   the activations are freed: an optimizer ``step_pre_hook`` would run *before* Lightning's closure
-   (forward and backward happen inside ``optimizer.step(closure)``) and hold the copy through the
-   activation peak.
+   reads this step (in their own dtype: whole, or a sample of a large one). Gradient clipping
+   changes gradients, never weights, so this snapshot is the weights the update starts from. It is
+   taken after backward, when the activations are freed: an optimizer ``step_pre_hook`` would run
+   *before* Lightning's closure (forward and backward happen inside ``optimizer.step(closure)``) and
+   hold the copy through the activation peak.
 2. Right after that optimizer's ``step`` (a one-shot ``register_step_post_hook``), the live weights
    are subtracted from the copy in place, the squared norms are added to the step's totals and the
    copy is freed. An optimizer without step hooks, or a step the GradScaler skipped (it never calls
@@ -28,7 +28,7 @@ first optimizer's snapshot covers every module, read at the end of the batch).
 
 Cost: one read of every parameter (the norms) and, for the modules read, one copy and one
 subtraction of what is copied. A parameter of more than ``sample`` values is copied on a fresh random
-sample of blocks each sampled step (:func:`~lightning_health.readings.update.pick_blocks`): an
+sample of blocks each sampled step (:class:`~lightning_health.readings.update.Strata`): an
 unbiased ``||W_after - W_before||^2`` for a copy of ``sample`` values (256 KiB in float32 at the
 default), where copying every weight would add their size to the peak of a model whose memory peaks
 in the optimizer's step (an MLP: +15% of the run's). ``sample=None`` copies every value (exact).
@@ -95,20 +95,6 @@ def optimizer_param_ids(optimizer: Any) -> set[int] | None:
     return {id(p) for group in groups for p in group.get("params", [])}
 
 
-@dataclasses.dataclass
-class _Copy:
-    """The weights one optimizer is about to step, copied; read once after its step."""
-
-    optimizer: Any
-    live: list[torch.nn.Parameter]
-    strata: list[Strata | None]  # per live parameter, how it is sampled (None: copied whole)
-    blocks: list[Tensor | None]  # per live parameter, the blocks drawn this step
-    copy: list[Tensor]  # the pieces of each live parameter, in order (see readings.update.pieces)
-    slots: Tensor  # per piece, its slot in `_Step.chosen`
-    scale: Tensor | None  # per piece, the factor of its squares (sampling, shards); None: all 1
-    nbytes: int
-
-
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """How one optimizer's list of parameters is copied, the same on every sampled step."""
@@ -117,6 +103,18 @@ class _Plan:
     runs: tuple[Tensor, Tensor] | None  # the sampled parameters' runs: starts and sizes (float64, device)
     slots: Tensor  # per piece, its slot in `_Step.chosen`
     scale: Tensor | None  # per piece, the factor of its squares (sampling, shards); None: all 1
+
+
+@dataclasses.dataclass
+class _Copy:
+    """The weights one optimizer is about to step, copied; read once after its step."""
+
+    optimizer: Any
+    live: list[torch.nn.Parameter]
+    plan: _Plan
+    blocks: list[Tensor | None]  # per live parameter, the blocks drawn this step
+    copy: list[Tensor]  # the pieces of each live parameter, in order (see readings.update.pieces)
+    nbytes: int
 
 
 @dataclasses.dataclass
@@ -270,7 +268,7 @@ class UpdateTracker:
         blocks = self._draw(plan, device)
         copy = self._copies(live, plan.strata, blocks)
         nbytes = sum(t.numel() * t.element_size() for t in copy)
-        entry = _Copy(optimizer, live, plan.strata, blocks, copy, plan.slots, plan.scale, nbytes)
+        entry = _Copy(optimizer, live, plan, blocks, copy, nbytes)
         step.pending.append(entry)
         step.held += nbytes
         self.peak_bytes = max(
@@ -348,13 +346,14 @@ class UpdateTracker:
             return  # read already: the same optimizer stepped again in this batch, or the batch is over
         step.pending.remove(entry)
         values = [local_tensor(p.detach()) for p in entry.live]
-        local = [t for v, st, b in zip(values, entry.strata, entry.blocks) for t in pieces(v, st, b)]
-        step.deltas += update_squares(entry.copy, local, entry.slots, len(step.chosen), entry.scale)
+        plan = entry.plan
+        local = [t for v, st, b in zip(values, plan.strata, entry.blocks) for t in pieces(v, st, b)]
+        step.deltas += update_squares(entry.copy, local, plan.slots, len(step.chosen), plan.scale)
         step.held -= entry.nbytes
         # kept for the next sampled step on a CPU only: there a fresh buffer page-faults; a GPU's caching
         # allocator hands the same blocks back, and a kept copy would sit through the next step's peak
         at = 0
-        for p, st, v in zip(entry.live, entry.strata, values):
+        for p, st, v in zip(entry.live, plan.strata, values):
             if st is None and v.device.type == "cpu":
                 self._spare[id(p)] = entry.copy[at]
             at += 1 if st is None else len(st.weights)
