@@ -90,8 +90,13 @@ def make_callbacks(variant: Variant) -> list[Callback]:
         from lightning_health import HealthMonitor
 
         compiled = variant.name.endswith("c")
-        # "-noupdate": without the update-ratio readings (benchmarks/update_ratio_cost.py)
-        extra = {"update_ratio_max_bytes": 0} if variant.name.endswith("-noupdate") else {}
+        # "-noupdate": without the update-ratio readings (benchmarks/update_ratio_cost.py); "-exact": the
+        # update ratio from a copy of every value, not a sample (benchmarks/peak_memory.py)
+        extra: dict[str, Any] = {}
+        if variant.name.endswith("-noupdate"):
+            extra = {"update_ratio_max_bytes": 0}
+        elif variant.name.endswith("-exact"):
+            extra = {"update_ratio_sample": None}
         return [HealthMonitor(every_n_steps=variant.cadence, compile_reductions=compiled, verbose=False, **extra)]
     if variant.name.startswith("wandb@"):
         from benchmarks.anchors import WandbWatch

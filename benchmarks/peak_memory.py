@@ -16,8 +16,10 @@ Variants, interleaved as in the step-time benchmark (fresh process per trial, 3 
 
 * no monitor (``logger=False``) and no monitor with a TensorBoard logger (same work: the spread
   between them is what the measurement itself can resolve);
-* ``HealthMonitor(every_n_steps=50)`` with and without the update ratio (``update_ratio_max_bytes=0``),
-  which separates the weight copy held through a sampled optimizer step from the rest;
+* ``HealthMonitor(every_n_steps=50)`` as it is (a large parameter's update copied on a sample), with
+  every value copied (``update_ratio_sample=None``) and without the update ratio
+  (``update_ratio_max_bytes=0``), which separates the copy held through a sampled optimizer step
+  from the rest;
 * ``HealthMonitor(every_n_steps=1)``.
 
     python -m benchmarks.peak_memory                 # mlp, cnn, lm; 3 rounds; about 15 min on 2 cores
@@ -36,6 +38,7 @@ VARIANTS = (
     Variant("none", "no monitor", "none", 0),
     Variant("none+tb", "no monitor, TensorBoard logger", "tensorboard", 0),
     Variant("health@50", "HealthMonitor(every_n_steps=50)", "tensorboard", 50),
+    Variant("health@50-exact", "HealthMonitor(every_n_steps=50, update_ratio_sample=None)", "tensorboard", 50),
     Variant("health@50-noupdate", "HealthMonitor(every_n_steps=50, update_ratio_max_bytes=0)", "tensorboard", 50),
     Variant("health@1", "HealthMonitor(every_n_steps=1)", "tensorboard", 1),
 )

@@ -107,6 +107,7 @@ def test_peak_memory_reads_the_same_peak_for_the_same_work() -> None:
     # library code pages first read in a fresh install move it by about 1 MiB
     assert abs(trials["none"].growth_mib - trials["none+tb"].growth_mib) < 4.0
     assert trials["health@50"].growth_mib >= trials["health@50-noupdate"].growth_mib - 1.0
+    assert trials["health@50"].growth_mib <= trials["health@50-exact"].growth_mib + 1.0  # a sample, not the weights
     assert "| mlp | no monitor |" in "\n".join(table(list(trials.values()), ["mlp"]))
 
 
