@@ -100,7 +100,7 @@ class _Plan:
     """How one optimizer's list of parameters is copied, the same on every sampled step."""
 
     strata: list[Strata | None]  # per parameter (None: whole)
-    runs: tuple[Tensor, Tensor] | None  # the sampled parameters' runs: starts and sizes (float64, device)
+    runs: tuple[Tensor, Tensor] | None  # the sampled parameters' Strata.size and .wide, (P, 1) float64 on the device
     slots: Tensor  # per piece, its slot in `_Step.chosen`
     scale: Tensor | None  # per piece, the factor of its squares (sampling, shards); None: all 1
 
@@ -297,9 +297,10 @@ class UpdateTracker:
             sampled = [st for st in strata if st is not None]
             runs = None
             if sampled:
-                starts = [float(x) for st in sampled for x in st.starts]
-                sizes = [float(x) for st in sampled for x in st.sizes]
-                runs = (to_device(starts, device, torch.float64), to_device(sizes, device, torch.float64))
+                runs = (
+                    to_device([float(st.size) for st in sampled], device, torch.float64).view(-1, 1),
+                    to_device([float(st.wide) for st in sampled], device, torch.float64).view(-1, 1),
+                )
             scale = None if all(f == 1.0 for f in factors) else to_device(factors, device, torch.float64)
             plan = self._plans[key] = _Plan(strata, runs, self._index(piece_slots, device), scale)
         return plan
@@ -311,8 +312,9 @@ class UpdateTracker:
         generator = self._generators.get(device)
         if generator is None:
             generator = self._generators[device] = torch.Generator(device=device).manual_seed(_SEED)
-        drawn = iter(draw_blocks(*plan.runs, generator).split([st.drawn for st in plan.strata if st is not None]))
-        return [None if st is None else next(drawn) for st in plan.strata]
+        drawn = max(st.drawn for st in plan.strata if st is not None)  # the same for all: sample // BLOCK
+        rows = iter(draw_blocks(*plan.runs, drawn, generator).unbind(0))
+        return [None if st is None else next(rows) for st in plan.strata]
 
     def _copies(
         self, live: Sequence[torch.nn.Parameter], strata: Sequence[Strata | None], blocks: Sequence[Tensor | None]

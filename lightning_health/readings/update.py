@@ -103,8 +103,8 @@ class Strata:
 
     Example:
         >>> s = Strata.of(10 * BLOCK + 3, 4 * BLOCK)
-        >>> (s.drawn, s.size, s.wide, s.numel, s.weights, s.starts)
-        (4, 2, 2, 67, [3.0, 2.0, 1.0], [0, 3, 6, 8])
+        >>> (s.drawn, s.size, s.wide, s.numel, s.weights)
+        (4, 2, 2, 67, [3.0, 2.0, 1.0])
     """
 
     n: int
@@ -132,16 +132,6 @@ class Strata:
         runs = [(self.size + 1.0, self.wide), (float(self.size), self.drawn - self.wide), (1.0, self.n % BLOCK)]
         return [weight for weight, count in runs if count]
 
-    @property
-    def starts(self) -> list[int]:
-        """The first block of each run."""
-        return [j * self.size + min(j, self.wide) for j in range(self.drawn)]
-
-    @property
-    def sizes(self) -> list[int]:
-        """The blocks in each run."""
-        return [self.size + (j < self.wide) for j in range(self.drawn)]
-
 
 def sampled_numel(n: int, sample: int | None) -> int:
     """How many values of an ``n``-value parameter a snapshot copies (see :class:`Strata`).
@@ -154,14 +144,26 @@ def sampled_numel(n: int, sample: int | None) -> int:
     return n if strata is None else strata.numel
 
 
-def draw_blocks(starts: Tensor, sizes: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One block index per run: ``start + floor(u * size)``, ``u`` uniform in [0, 1) (float64 vectors of
-    the runs of one or more parameters, see :attr:`Strata.starts`), on their device.
+def draw_blocks(size: Tensor, wide: Tensor, drawn: int, generator: torch.Generator | None) -> Tensor:
+    """One block index per run of each of ``P`` sampled parameters: ``(P, drawn)`` long, on their device.
 
-    The draw uses a generator of the monitor's own: the user's random streams are not touched, and
-    on a GPU nothing waits for the host. No pass over the parameters: the cost is in the sample's size.
+    ``size`` and ``wide`` are the parameters' :attr:`Strata.size` and :attr:`Strata.wide`, as ``(P, 1)``
+    float64 tensors; run ``j`` starts at block ``j * size + min(j, wide)`` and holds ``size + (j < wide)``
+    blocks, so only those ``2 P`` numbers are kept between steps. The draw uses a generator of the
+    monitor's own: the user's random streams are not touched, and on a GPU nothing waits for the host.
+    No pass over the parameters: the cost is in the sample's size.
+
+    Example:
+        >>> s = Strata.of(10 * BLOCK + 3, 4 * BLOCK)  # runs of 3, 3, 2, 2 blocks
+        >>> size, wide = torch.tensor([[2.0]], dtype=torch.float64), torch.tensor([[2.0]], dtype=torch.float64)
+        >>> blocks = draw_blocks(size, wide, s.drawn, torch.Generator().manual_seed(0))[0].tolist()
+        >>> [lo <= b < hi for b, (lo, hi) in zip(blocks, [(0, 3), (3, 6), (6, 8), (8, 10)])]
+        [True, True, True, True]
     """
-    u = torch.rand(starts.shape, dtype=starts.dtype, device=starts.device, generator=generator)
+    j = torch.arange(drawn, dtype=size.dtype, device=size.device)
+    starts = torch.minimum(j, wide).addcmul_(j, size)  # (P, drawn)
+    sizes = (j < wide).to(size.dtype).add_(size)
+    u = torch.rand(sizes.shape, dtype=size.dtype, device=size.device, generator=generator)
     return u.mul_(sizes).floor_().add_(starts).long()
 
 
