@@ -169,7 +169,8 @@ def draw_blocks(size: Tensor, wide: Tensor, drawn: int, generator: torch.Generat
 
 def pieces(value: Tensor, strata: Strata | None, blocks: Tensor | None) -> list[Tensor]:
     """What of ``value`` the update ratio reads: the whole, or the drawn ``blocks`` of its ``strata``
-    gathered (wide runs' and narrow runs' apart, flat) and its tail, in the order of :attr:`Strata.weights`."""
+    gathered (wide runs' and narrow runs' apart, flat) and its tail, in the order of :attr:`Strata.weights`.
+    A non-contiguous parameter (rare: a transposed or channels-last weight) is flattened through a copy."""
     if strata is None or blocks is None:
         return [value]
     flat = value.reshape(-1)
