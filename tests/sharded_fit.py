@@ -32,6 +32,8 @@ STEPS = 3
 BATCH = 4
 HIDDEN = 8
 LR = float(os.environ.get("SHARDED_FIT_LR", "0"))  # 0 keeps the weights (the readings test); > 0: learning readings
+WIDTH = int(os.environ.get("SHARDED_FIT_HIDDEN", str(HIDDEN)))  # a wider hidden layer: shards large enough to sample
+SAMPLE = os.environ.get("SHARDED_FIT_SAMPLE")  # the monitor's update_ratio_sample (unset: its default)
 DEAD_UNIT = 5  # never fires on any example: the alive fraction of `act` is 7/8
 
 
@@ -45,15 +47,15 @@ def global_batch(dp_size: int, step: int) -> torch.Tensor:
 
 
 class TinyMLP(pl.LightningModule):
-    """Linear 4->8, ReLU, Linear 8->2; unit 5 of the hidden layer is dead; ``LR`` 0 keeps the weights."""
+    """Linear 4->8, ReLU, Linear 8->2 (8: ``hidden``); unit 5 of the hidden layer is dead; ``LR`` 0 keeps weights."""
 
-    def __init__(self, mode: str = "single", dp_size: int = 1) -> None:
+    def __init__(self, mode: str = "single", dp_size: int = 1, hidden: int = WIDTH) -> None:
         super().__init__()
         self.mode, self.dp_size = mode, dp_size
         g = torch.Generator().manual_seed(0)
-        self.up = nn.Linear(4, HIDDEN)
+        self.up = nn.Linear(4, hidden)
         self.act = nn.ReLU()
-        self.down = nn.Linear(HIDDEN, 2)
+        self.down = nn.Linear(hidden, 2)
         with torch.no_grad():
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=g))
@@ -119,8 +121,9 @@ class Recorder(pl.Callback):
 
 
 def monitor() -> HealthMonitor:
+    sample = {} if SAMPLE is None else {"update_ratio_sample": int(SAMPLE)}
     return HealthMonitor(
-        every_n_steps=1, layers=(nn.Linear, nn.ReLU), dead_window=2, verbose=False, dormant_threshold=0.025
+        every_n_steps=1, layers=(nn.Linear, nn.ReLU), dead_window=2, verbose=False, dormant_threshold=0.025, **sample
     )
 
 
