@@ -111,9 +111,9 @@ class HealthMonitor(CallbackBase):
             optimizer step (exact for any optimizer); this bounds that copy. Modules that do not fit
             together are read in rotation across sampled steps. ``None``: no bound; ``0``: no
             update ratio (``param_norm`` is read either way). See docs/readings.md.
-        update_ratio_sample: a parameter with more values than this is copied on a fresh random sample
-            of this many (blocks of 64) on each sampled step, and its update's norm estimated from it
-            (unbiased; within about 1% on dense updates, see docs/readings.md): the copy stays a few
+        update_ratio_sample: a parameter with more values than this is copied on a fresh stratified
+            sample of this many (blocks of 16) on each sampled step, and its update's norm estimated
+            from it (unbiased; within 2% on dense updates, see docs/readings.md): the copy stays a few
             hundred KiB per parameter instead of the weights. ``None``: copy every value (exact).
         name: names this monitor in checkpoints (its ``state_key``), so two monitors with the same
             ``layers`` can coexist and a resume finds each one's state; ``None`` keys it by ``layers``

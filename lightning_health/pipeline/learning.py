@@ -78,13 +78,18 @@ Groups = Sequence[tuple[str, list[torch.nn.Parameter]]]
 
 
 _SEED = 0x5EED
-"""Seeds the monitor's own generator of sampled blocks: the same blocks on every rank and in every run."""
+"""Seeds the monitor's own generator of sampled blocks: the same draws on every rank and in every run."""
 
 
 def group_bytes(params: Sequence[torch.nn.Parameter], sample: int | None = None) -> int:
     """Bytes one snapshot of ``params`` takes, each copied whole or on ``sample`` values (see
     :func:`~lightning_health.readings.update.sampled_numel`)."""
     return sum(sampled_numel(p.numel(), sample) * p.element_size() for p in params)
+
+
+def _piece_weights(strata: Strata | None) -> list[float]:
+    """The factor of each piece a parameter is copied in (see :attr:`Strata.weights`): one piece when whole."""
+    return [1.0] if strata is None else strata.weights
 
 
 def optimizer_param_ids(optimizer: Any) -> set[int] | None:
@@ -290,7 +295,7 @@ class UpdateTracker:
             world = world_size() if self.sharded else 1
             factors, piece_slots = [], []
             for p, st, slot in zip(live, strata, slots):
-                weights = st.weights if st is not None else [1.0]
+                weights = _piece_weights(st)
                 replica = replica_weight(p, world) if self.sharded else 1.0
                 factors += [w * replica for w in weights]
                 piece_slots += [slot] * len(weights)
@@ -358,7 +363,7 @@ class UpdateTracker:
         for p, st, v in zip(entry.live, plan.strata, values):
             if st is None and v.device.type == "cpu":
                 self._spare[id(p)] = entry.copy[at]
-            at += 1 if st is None else len(st.weights)
+            at += len(_piece_weights(st))
         entry.copy = []
 
     def after_step(self) -> tuple[Tensor | None, list[int]]:
