@@ -88,7 +88,7 @@ def _shifted_moments(rows: Tensor, scratch: Tensor | None) -> Tensor:
     per_row = units * post
     fits = scratch is not None and scratch.dtype == rows.dtype and per_row <= scratch.numel()
     step = scratch.numel() // per_row if fits else pre  # type: ignore[union-attr]
-    for part in rows.split(step):
+    for part in rows.split(step) if pre > step else (rows,):
         out = scratch[: part.numel()].view(part.shape) if fits else None  # type: ignore[index]
         _add_shifted_sums(torch.sub(part, ref, out=out), s1, s2)
     c, n = ref.reshape(units).to(_WIDE), float(pre * post)
@@ -139,15 +139,15 @@ def _row_moments(rows: Tensor) -> Tensor:
     ``n * mean`` and ``n * (var + mean^2)`` in float64 are the sums, and the variance the collapse
     reading derives from them again is the one measured about the mean, so nothing cancels.
     """
-    s1: Tensor | None = None
-    s2: Tensor | None = None
-    for part in rows.split(_ROWS):
-        mean, var = torch.batch_norm_update_stats(part, None, None, 0.0)
-        n, m = float(part.shape[0]), mean.to(_WIDE)
-        p1, p2 = m * n, (var.to(_WIDE) + m * m) * n
-        s1, s2 = (p1, p2) if s1 is None or s2 is None else (s1 + p1, s2 + p2)
-    assert s1 is not None and s2 is not None
-    return torch.cat([s1, s2])
+    total: Tensor | None = None
+    for part in rows.split(_ROWS) if rows.shape[0] > _ROWS else (rows,):
+        stats = torch.stack(torch.batch_norm_update_stats(part, None, None, 0.0)).to(_WIDE)  # [mean, var]
+        mean, square = stats.unbind(0)
+        square.addcmul_(mean, mean)  # var + mean^2: the mean square
+        stats.mul_(float(part.shape[0]))  # the sums
+        total = stats if total is None else total.add_(stats)
+    assert total is not None
+    return total.view(-1)
 
 
 def _add_shifted_sums(dev: Tensor, s1: Tensor, s2: Tensor) -> None:

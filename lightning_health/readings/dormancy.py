@@ -83,7 +83,7 @@ def unit_abs_sums(x: Tensor, neuron_dim: int = -1, scratch: Tensor | None = None
     # ~4x the sum on a CPU for a conv activation.
     rows = scratch.numel() // per_row
     total = None
-    for part in x.split(rows):
+    for part in x.split(rows) if x.shape[0] > rows else (x,):
         s = torch.abs(part, out=scratch[: part.numel()].view(part.shape)).sum(dim=others)
         total = s if total is None else total.add_(s)
     assert total is not None

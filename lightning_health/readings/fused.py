@@ -31,7 +31,7 @@ device path (every pass, branch-free) instead.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -52,9 +52,12 @@ def row_squares(x: Tensor) -> Tensor:
     :data:`_ROW` values, accumulated in float32 (float64 for float64 ``x``), combined in float64."""
     flat = x.reshape(-1)
     n = flat.numel()
-    body = n - n % _ROW
     acc = _WIDE if flat.dtype == _WIDE else torch.float32
-    total = torch.linalg.vector_norm(flat[:body].view(-1, _ROW), dim=1, dtype=acc).to(_WIDE).square_().sum()
+    if n <= _ROW:  # one row
+        return torch.linalg.vector_norm(flat, dtype=acc).to(_WIDE).square_()
+    body = n - n % _ROW
+    rows = (flat if body == n else flat[:body]).view(-1, _ROW)
+    total = torch.linalg.vector_norm(rows, dim=1, dtype=acc).to(_WIDE).square_().sum()
     if body < n:
         total += torch.linalg.vector_norm(flat[body:], dtype=acc).to(_WIDE).square()
     return total
@@ -88,9 +91,15 @@ def moments(x: Tensor, lo: float, hi: float, buf: Tensor) -> tuple[float, float]
     return s1 + n * centre, s2 + centre * (2 * s1 + n * centre)
 
 
+def chunks(x: Tensor, size: int) -> Sequence[Tensor]:
+    """Flat ``x`` in pieces of at most ``size`` values: itself when it fits (``split`` costs a few
+    microseconds of Python per call, paid per layer and per pass on every sampled step)."""
+    return (x,) if x.numel() <= size else x.split(size)
+
+
 def _pieces(x: Tensor, buf: Tensor) -> list[tuple[Tensor, Tensor]]:
     """``x`` in pieces of ``buf``'s length, each with the part of ``buf`` it may write."""
-    return [(part, buf[: part.numel()]) for part in x.split(buf.numel())]
+    return [(part, buf[: part.numel()]) for part in chunks(x, buf.numel())]
 
 
 def count(x: Tensor, buf: Tensor, mark: Callable[[Tensor, Tensor], Tensor]) -> float:

@@ -186,7 +186,7 @@ def activation_totals(
             thresholds = (bounds[0] + band, bounds[1] - band)
         buf = _host_buffer(x, scratch)
         own = moments is None
-        floats = [fused.activation_floats(p, thresholds, buf, own) for p in x.split(CHUNK)]
+        floats = [fused.activation_floats(p, thresholds, buf, own) for p in fused.chunks(x, CHUNK)]
         whole = floats[0] if len(floats) == 1 else fused.combine(floats, mins=(A_MIN,), maxes=(A_MAX,))
         if moments is not None:
             fused.take_moments(whole, moments, (A_SUM, A_SUMSQ, A_MIN, A_MAX))
@@ -236,7 +236,7 @@ def gradient_totals(g: Tensor, scratch: Tensor | None = None) -> Tensor:
         return empty_gradient_totals(x.device)
     if reads_bounds(x):
         buf = _host_buffer(x, scratch)
-        floats = [fused.gradient_floats(p, buf) for p in x.split(CHUNK)]
+        floats = [fused.gradient_floats(p, buf) for p in fused.chunks(x, CHUNK)]
         whole = floats[0] if len(floats) == 1 else fused.combine(floats, mins=(), maxes=(G_ABSMAX,))
         return fused.to_device(whole, x.device)
     if x.numel() > chunk_size(x):

@@ -11,6 +11,7 @@ raises on NaN); values outside the edges sit in two open-end buckets, so nothing
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,20 @@ def tag_prefix(logger: Any) -> str:
     return f"{prefix}{getattr(logger, 'LOGGER_JOIN_CHAR', '-')}" if prefix else ""
 
 
+@functools.lru_cache(maxsize=64)
+def _buckets(edges: tuple[float, ...]) -> tuple[tuple[float, ...], tuple[float, ...], np.ndarray]:
+    """TensorBoard's bucket limits and lower ends for ``edges``, and each bucket's centre and its
+    square as a ``(2, B + 2)`` array: the same for every histogram of a run, made once."""
+    import numpy as np
+
+    left_pad, right_pad = edges[1] - edges[0], edges[-1] - edges[-2]
+    # bucket 0 (below) is (edges[0] - pad, edges[0]]; bucket B+1 (above) is (edges[-1], edges[-1] + pad]
+    limits = (*edges, edges[-1] + right_pad)
+    lows = (edges[0] - left_pad, *edges)
+    centres = np.array([(lo + hi) / 2 for lo, hi in zip(lows, limits)], dtype=np.float64)
+    return limits, lows, np.stack([centres, centres * centres])
+
+
 def raw_histogram_args(hist: Histogram) -> dict[str, Any]:
     """Arguments for ``SummaryWriter.add_histogram_raw`` from our counts.
 
@@ -47,23 +62,22 @@ def raw_histogram_args(hist: Histogram) -> dict[str, Any]:
     ``nonfinite`` scalars), and ``min``/``max`` span the buckets that hold values. ``sum`` and
     ``sum_squares`` are estimated from bucket centres (the exact moments are the scalar readings).
     """
-    edges, counts = list(hist.edges), [float(c) for c in hist.counts[:-1]]  # drop the nonfinite count
+    import numpy as np
+
+    edges, counts = tuple(hist.edges), [float(c) for c in hist.counts[:-1]]  # drop the nonfinite count
     if len(counts) != len(edges) + 1:
         raise ValueError(f"Expected {len(edges) + 1} counts for {len(edges)} edges (plus nonfinite), got {hist.counts}")
-    left_pad, right_pad = edges[1] - edges[0], edges[-1] - edges[-2]
-    # bucket 0 (below) is (edges[0] - pad, edges[0]]; bucket B+1 (above) is (edges[-1], edges[-1] + pad]
-    limits = [*edges, edges[-1] + right_pad]
-    lows = [edges[0] - left_pad, *edges]
-    centres = [(lo + hi) / 2 for lo, hi in zip(lows, limits)]
-    used = [i for i, c in enumerate(counts) if c > 0]
-    num = sum(counts)
+    limits, lows, centres = _buckets(edges)
+    values = np.array(counts, dtype=np.float64)
+    used = np.flatnonzero(values > 0)
+    total, squares = (centres @ values).tolist()
     return {
-        "min": float(lows[used[0]]) if used else float(lows[0]),
-        "max": float(limits[used[-1]]) if used else float(limits[-1]),
-        "num": int(num),
-        "sum": float(sum(c * x for c, x in zip(counts, centres))),
-        "sum_squares": float(sum(c * x * x for c, x in zip(counts, centres))),
-        "bucket_limits": [float(x) for x in limits],
+        "min": float(lows[used[0]]) if used.size else float(lows[0]),
+        "max": float(limits[used[-1]]) if used.size else float(limits[-1]),
+        "num": int(values.sum()),
+        "sum": total,
+        "sum_squares": squares,
+        "bucket_limits": list(limits),
         "bucket_counts": counts,
     }
 
@@ -73,7 +87,7 @@ def _drawable_histograms(histograms: Mapping[str, Histogram]) -> list[tuple[str,
     out = []
     for tag, hist in histograms.items():
         args = raw_histogram_args(hist)
-        if args["num"] > 0 and all(math.isfinite(c) for c in args["bucket_counts"]):
+        if args["num"] > 0 and all(map(math.isfinite, args["bucket_counts"])):
             out.append((tag, args))
     return out
 
