@@ -401,3 +401,51 @@ def test_sink_set_sends_findings_only_on_change_and_drops_a_failing_sink():
     with pytest.warns(RuntimeWarning, match="Broken"):
         sinks.write(0, {"x": 1.0}, {})
     assert sinks.sinks == [rec]
+
+
+def _records(path: Path) -> list[tuple[bytes, int, bytes, int]]:
+    """Every TFRecord of an event file: ``(length header, its checksum, data, its checksum)`` as stored."""
+    import struct
+
+    raw, out, at = path.read_bytes(), [], 0
+    while at < len(raw):
+        header = raw[at : at + 8]
+        (length,) = struct.unpack("<Q", header)
+        (header_crc,) = struct.unpack("<I", raw[at + 8 : at + 12])
+        data = raw[at + 12 : at + 12 + length]
+        (data_crc,) = struct.unpack("<I", raw[at + 12 + length : at + 16 + length])
+        out.append((header, header_crc, data, data_crc))
+        at += 16 + length
+    return out
+
+
+def test_c_checksums_equal_tensorboards_pure_python_ones():
+    """The swapped-in checksum is TensorBoard's masked CRC-32C, byte string by byte string."""
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as python_crc
+
+    from lightning_health.sinks import record_checksum
+
+    assert record_checksum._C_VALUE is not None, "google-crc32c's C implementation comes with the tensorboard extra"
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 3, 8, 255, 1024, 14_001):
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert record_checksum.masked_crc32c(data) == python_crc(data)
+
+
+def test_a_monitored_run_writes_event_records_whose_checksums_hold(tmp_path):
+    """With the monitor's TensorBoard sink the writer checksums in C (a sampled step's event no longer
+    holds the GIL for milliseconds in the writer thread), and every record of the real event file
+    still carries TensorBoard's own checksums: a reader that verifies them reads it all back."""
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as python_crc
+    from tensorboard.summary.writer import record_writer
+
+    from lightning_health.sinks import record_checksum
+
+    _fit(Probe(), HealthMonitor(every_n_steps=1, verbose=False), TensorBoardLogger(str(tmp_path)), epochs=1)
+    assert record_writer.masked_crc32c is record_checksum.masked_crc32c
+    (events,) = list(tmp_path.rglob("events.out.tfevents.*"))
+    records = _records(events)
+    assert len(records) > 10
+    for header, header_crc, data, data_crc in records:
+        assert (header_crc, data_crc) == (python_crc(header), python_crc(data))
+    assert read_tb_scalars(tmp_path)  # and TensorBoard's own reader takes the file

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from lightning_health.sinks.base import Histogram, SinkBase
 from lightning_health.sinks.format import findings_markdown
 from lightning_health.sinks.layout import panel_layout
+from lightning_health.sinks.record_checksum import use_c_checksums
 
 if TYPE_CHECKING:
     import numpy as np
@@ -137,6 +138,7 @@ class TensorBoardSink(SinkBase):
         self.logger = logger
         self._writer = writer
         self.owns_writer = owns_writer
+        use_c_checksums()  # the writer thread's checksums would hold the GIL through the next step
 
     @property
     def writer(self) -> Any:
