@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.message import DecodeError
+
 _BLOCK = 32 * 1024
 _HEADER = 7
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
@@ -33,6 +35,8 @@ def read_records(path: str | Path) -> list[Any]:
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + _HEADER])
         payload = data[pos + _HEADER : pos + _HEADER + length]
+        if len(payload) < length:  # the service is still writing this record: read what is whole
+            break
         pos += _HEADER + length
         if kind == 0 and length == 0:
             continue
@@ -58,7 +62,13 @@ def read_run(run_dir: str | Path, timeout: float = 20.0) -> dict[str, Any]:
     (wandb_file,) = Path(run_dir).glob("run-*.wandb")
     deadline = time.monotonic() + timeout
     while True:
-        records = read_records(wandb_file)
+        try:
+            records = read_records(wandb_file)
+        except DecodeError:  # a record half written as the file was read: read it again
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+            continue
         if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
             break
         time.sleep(0.1)

@@ -1,11 +1,10 @@
 """TensorBoard's event checksums in C: the writer thread stops holding the GIL through the next step.
 
 TensorBoard without TensorFlow checksums every event record it writes with a CRC-32C computed in
-pure Python (``tensorboard.compat.tensorflow_stub``), about 0.2 microseconds a byte, in the event
+pure Python (``tensorboard.compat.tensorflow_stub``), about 0.17 microseconds a byte, in the event
 writer's background thread. A sampled step's one event (every scalar and histogram of the step,
-~14 KB on a 4-layer MLP) costs that thread ~2.7 ms of Python, holding the GIL while the next
-training step runs: the step's own forward and backward waited for it, about 10 ms a sampled step
-on the benchmark's MLP (docs/performance.md, eighth round). ``google-crc32c`` (installed with the
+~12 KB on the benchmark's 4-layer CNN) costs that thread ~2 ms of Python, holding the GIL while
+the next training step runs and needs it. ``google-crc32c`` (installed with the
 ``tensorboard`` extra) gives the same checksums from C in about a microsecond.
 
 :func:`use_c_checksums` swaps it into TensorBoard's record writer. The bytes written do not change
