@@ -30,6 +30,8 @@ import math
 import torch
 from torch import Tensor
 
+from lightning_health.readings.fused import chunks
+
 _WIDE = torch.float64
 
 
@@ -88,7 +90,7 @@ def _shifted_moments(rows: Tensor, scratch: Tensor | None) -> Tensor:
     per_row = units * post
     fits = scratch is not None and scratch.dtype == rows.dtype and per_row <= scratch.numel()
     step = scratch.numel() // per_row if fits else pre  # type: ignore[union-attr]
-    for part in rows.split(step) if pre > step else (rows,):
+    for part in chunks(rows, step):
         out = scratch[: part.numel()].view(part.shape) if fits else None  # type: ignore[index]
         _add_shifted_sums(torch.sub(part, ref, out=out), s1, s2)
     c, n = ref.reshape(units).to(_WIDE), float(pre * post)
@@ -140,7 +142,7 @@ def _row_moments(rows: Tensor) -> Tensor:
     reading derives from them again is the one measured about the mean, so nothing cancels.
     """
     total: Tensor | None = None
-    for part in rows.split(_ROWS) if rows.shape[0] > _ROWS else (rows,):
+    for part in chunks(rows, _ROWS):
         stats = torch.stack(torch.batch_norm_update_stats(part, None, None, 0.0)).to(_WIDE)  # [mean, var]
         mean, square = stats.unbind(0)
         square.addcmul_(mean, mean)  # var + mean^2: the mean square

@@ -31,6 +31,8 @@ import math
 import torch
 from torch import Tensor
 
+from lightning_health.readings.fused import chunks
+
 _WIDE = torch.float64
 
 
@@ -83,7 +85,7 @@ def unit_abs_sums(x: Tensor, neuron_dim: int = -1, scratch: Tensor | None = None
     # ~4x the sum on a CPU for a conv activation.
     rows = scratch.numel() // per_row
     total = None
-    for part in x.split(rows) if x.shape[0] > rows else (x,):
+    for part in chunks(x, rows):
         s = torch.abs(part, out=scratch[: part.numel()].view(part.shape)).sum(dim=others)
         total = s if total is None else total.add_(s)
     assert total is not None

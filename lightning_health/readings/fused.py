@@ -92,9 +92,10 @@ def moments(x: Tensor, lo: float, hi: float, buf: Tensor) -> tuple[float, float]
 
 
 def chunks(x: Tensor, size: int) -> Sequence[Tensor]:
-    """Flat ``x`` in pieces of at most ``size`` values: itself when it fits (``split`` costs a few
-    microseconds of Python per call, paid per layer and per pass on every sampled step)."""
-    return (x,) if x.numel() <= size else x.split(size)
+    """``x`` in pieces of at most ``size`` along its first axis (values, when flat): itself when it
+    fits (``split`` costs a few microseconds of Python per call, paid per layer and per pass on every
+    sampled step)."""
+    return (x,) if x.shape[0] <= size else x.split(size)
 
 
 def _pieces(x: Tensor, buf: Tensor) -> list[tuple[Tensor, Tensor]]:
