@@ -348,6 +348,19 @@ def findings(name: str, small: bool, every: int, steps: int, poison_at: int = -1
     return [str(f) for f in monitor.diagnose()]
 
 
+def _record_monitor_warnings() -> Counter[str]:
+    """Every other warning stays silent; the monitor's own are counted into the result, so a reading
+    skipped on the device (e.g. attention under ``bf16-mixed``) cannot pass unseen."""
+    seen: Counter[str] = Counter()
+    warnings.filterwarnings("always", message="(HealthMonitor|lightning_health)")
+
+    def record(message: Warning | str, category: type[Warning], *_args: Any, **_kwargs: Any) -> None:
+        seen[f"{category.__name__}: {str(message)[:300]}"] += 1
+
+    warnings.showwarning = record
+    return seen
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="gpu_check.json")
@@ -361,6 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     for logger in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
         logging.getLogger(logger).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
+    monitor_warnings = _record_monitor_warnings()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -373,6 +387,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{time.perf_counter() - started:6.1f}s] {text}", flush=True)
 
     def save() -> None:
+        result["monitor_warnings"] = dict(monitor_warnings)
         with open(args.out, "w") as out:
             json.dump(result, out, indent=1, default=str)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -69,6 +70,45 @@ def test_gpt2_readings_match_eager_attention_per_layer() -> None:
         assert got.metrics[name]["attn_logit_max"] == pytest.approx(top.item(), rel=1e-4)
         assert got.head_entropy[name] == pytest.approx(per_head.tolist(), rel=1e-4)
     assert set(got.metrics) >= {"transformer.h.0", "transformer.h.1"}  # residual blocks read too
+
+
+def test_gpt2_under_bf16_autocast_is_read_from_its_own_bf16_queries_and_keys() -> None:
+    """The hooks run inside the model's autocast region (``precision="bf16-mixed"``), which would turn
+    the rebuilt scores' matmul into bfloat16; they are scored in float32 from the queries and keys
+    the model itself computed in bfloat16. Reference: a float64 softmax of those same q and k."""
+    torch.manual_seed(0)
+    model = _gpt2()
+    for p in model.parameters():
+        p.data.mul_(3.0)
+    ids = torch.randint(0, 50, (2, 16))
+    qkv: list[torch.Tensor] = []
+    hooks = [blk.attn.c_attn.register_forward_hook(lambda m, i, o: qkv.append(o)) for blk in model.transformer.h]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _read(model, ids)
+    for h in hooks:
+        h.remove()
+    assert len(qkv) == 4  # per layer: the monitor's recomputation (its pre-hook), then the model's own call
+    assert all(torch.equal(mine, own) for mine, own in zip(qkv[::2], qkv[1::2]))
+    causal = torch.tril(torch.ones(16, 16, dtype=torch.bool))
+    for layer, fused in enumerate(qkv[1::2]):
+        assert fused.dtype == torch.bfloat16  # what the model's own attention saw
+        q, k, _ = fused.double().split(64, dim=2)
+        q, k = (t.view(2, 16, 4, 16).transpose(1, 2) for t in (q, k))
+        scores = ((q @ k.transpose(-1, -2)) / 4.0).masked_fill(~causal, -math.inf)
+        probs = scores.softmax(-1)
+        ent = -(probs * torch.log(probs.clamp_min(1e-300))).sum(-1)
+        name = f"transformer.h.{layer}.attn"
+        assert got.metrics[name]["attn_entropy"] == pytest.approx(ent.mean().item(), rel=1e-5)
+        assert got.metrics[name]["attn_logit_max"] == pytest.approx(scores.amax().item(), rel=1e-5)
+
+
+def test_a_bf16_mixed_fit_reads_attention_at_every_sampled_step_without_a_warning() -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*cannot read attention.*")
+        monitor = _fit(_TinyGPT(), 4, precision="bf16-mixed")
+    for layer in ("model.transformer.h.0.attn", "model.transformer.h.1.attn"):
+        entropy = [value for _step, value in monitor.curves("attn_entropy")[layer]]
+        assert len(entropy) == 4 and all(0.0 < value <= math.log(16) for value in entropy)
 
 
 def test_multihead_attention_respects_key_padding_mask() -> None:
@@ -181,11 +221,11 @@ class _TinyGPT(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
-def _fit(module: pl.LightningModule, steps: int) -> HealthMonitor:
+def _fit(module: pl.LightningModule, steps: int, **trainer: object) -> HealthMonitor:
     torch.manual_seed(4)
     data = torch.utils.data.DataLoader(torch.randint(0, 50, (steps * 4, 16)), batch_size=4)
     monitor = HealthMonitor(every_n_steps=1, verbose=False, heatmap_every_n_samples=None)
-    pl.Trainer(max_steps=steps, callbacks=[monitor], **trainer_kwargs()).fit(module, data)
+    pl.Trainer(max_steps=steps, callbacks=[monitor], **trainer_kwargs(**trainer)).fit(module, data)
     return monitor
 
 

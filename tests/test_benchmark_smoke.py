@@ -113,7 +113,8 @@ def test_peak_memory_reads_the_same_peak_for_the_same_work() -> None:
 
 def test_gpu_check_runs_its_sections_and_finds_the_planted_nan(tmp_path: Path) -> None:
     """The GPU check's script at smoke size on the CPU: the reductions agree with NumPy, a sync count
-    is taken per step, and the CNN whose weight turns NaN mid-run gets a non-finite finding."""
+    is taken per step, the CNN whose weight turns NaN mid-run gets a non-finite finding, and the
+    monitor warned of nothing it could not read."""
     import json
 
     from benchmarks import gpu_check
@@ -125,6 +126,7 @@ def test_gpu_check_runs_its_sections_and_finds_the_planted_nan(tmp_path: Path) -
     assert result["syncs/cnn/5"]["sampled"]["steps"] == 2
     assert any("NaN/Inf" in line for line in result["findings/cnn-nan@10"])
     assert not any("NaN/Inf" in line for line in result["findings/cnn@1"])
+    assert result["monitor_warnings"] == {}  # nothing skipped: GPT-2's attention is read under bf16-mixed too
 
 
 def test_the_sampled_update_ratio_benchmark_compares_against_the_exact_one() -> None:

@@ -20,6 +20,7 @@ of one ``median`` over 64k values instead of a sort of the whole tensor.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -47,6 +48,15 @@ def _allowed_and_bias(mask: Tensor | None, rows: slice) -> tuple[Tensor | None, 
     floor = torch.finfo(part.dtype).min / 2
     allowed = part > floor
     return allowed, torch.where(allowed, part.float(), 0.0)
+
+
+def _full_precision(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """Autocast off: the hooks run inside the model's forward, where ``bf16-mixed`` would turn the
+    float32 scores' ``matmul`` back into bfloat16 (and the float32 floor of the softmax's shift
+    would not fit it)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def attention_totals(
@@ -85,7 +95,7 @@ def attention_totals(
         >>> round(float(ent[0] / rows[0]), 4) == round(math.log(3), 4)
         True
     """
-    with torch.no_grad():
+    with torch.no_grad(), _full_precision(q.device):
         q, k = q.detach().float(), k.detach().float()
         b, h, length, _ = q.shape
         keys = k.shape[-2]
