@@ -53,10 +53,14 @@ def _allowed_and_bias(mask: Tensor | None, rows: slice) -> tuple[Tensor | None, 
 def _full_precision(device: torch.device) -> contextlib.AbstractContextManager[object]:
     """Autocast off: the hooks run inside the model's forward, where ``bf16-mixed`` would turn the
     float32 scores' ``matmul`` back into bfloat16 (and the float32 floor of the softmax's shift
-    would not fit it)."""
-    if torch.amp.is_autocast_available(device.type):
+    would not fit it). A device autocast does not know has nothing to turn off."""
+    known = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
+    if known is not None and not known(device.type):
+        return contextlib.nullcontext()
+    try:
         return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
+    except RuntimeError:  # an older torch refusing the device type
+        return contextlib.nullcontext()
 
 
 def attention_totals(
