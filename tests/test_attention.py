@@ -34,7 +34,7 @@ def _read(model: nn.Module, *args: object, **kwargs: object):
     with torch.no_grad():
         model(*args, **kwargs)
     cap.detach()
-    return cap.unpack(cap.pack(torch.device("cpu")).tolist())
+    return cap.unpack(torch.cat(cap.pack(torch.device("cpu"))).tolist())
 
 
 def test_gpt2_readings_match_eager_attention_per_layer() -> None:
@@ -102,6 +102,28 @@ def test_gpt2_under_bf16_autocast_is_read_from_its_own_bf16_queries_and_keys() -
         assert got.metrics[name]["attn_logit_max"] == pytest.approx(scores.amax().item(), rel=1e-5)
 
 
+def test_a_nan_head_makes_the_module_reading_nan_not_the_other_heads_mean() -> None:
+    """A head whose queries hold NaN reads NaN, and so do the module's mean and lowest entropy: the
+    mean of the finite heads alone would show a broken module as healthy."""
+    torch.manual_seed(0)
+    model = nn.MultiheadAttention(16, 4, batch_first=True)
+    with torch.no_grad():
+        model.in_proj_weight[0, 0] = math.nan  # head 0's first query feature
+    x = torch.randn(2, 5, 16)
+    wrapper = nn.Sequential()
+    wrapper.add_module("attn", model)
+    cap = TransformerCapture(wrapper)
+    cap.attach()
+    cap.armed = True
+    with torch.no_grad():
+        model(x, x, x, need_weights=False)
+    cap.detach()
+    got = cap.unpack(torch.cat(cap.pack(torch.device("cpu"))).tolist())
+    heads = got.head_entropy["attn"]
+    assert math.isnan(heads[0]) and all(math.isfinite(h) for h in heads[1:])
+    assert math.isnan(got.metrics["attn"]["attn_entropy"]) and math.isnan(got.metrics["attn"]["attn_entropy_min"])
+
+
 def test_a_bf16_mixed_fit_reads_attention_at_every_sampled_step_without_a_warning() -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*cannot read attention.*")
@@ -122,7 +144,7 @@ def test_multihead_attention_respects_key_padding_mask() -> None:
     cap.armed = True
     with torch.no_grad():
         _, probs = mha(x, x, x, key_padding_mask=pad, need_weights=True, average_attn_weights=False)
-    got = cap.unpack(cap.pack(torch.device("cpu")).tolist()).metrics[""]
+    got = cap.unpack(torch.cat(cap.pack(torch.device("cpu"))).tolist()).metrics[""]
     ent = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
     assert got["attn_entropy"] == pytest.approx(ent.mean().item(), rel=1e-4)
     assert got["attn_entropy_min"] == pytest.approx(ent.mean(dim=(0, 2)).min().item(), rel=1e-4)

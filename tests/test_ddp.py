@@ -220,3 +220,61 @@ def test_a_rank_with_an_empty_batch_does_not_break_the_collective(tmp_path):
     # `side` runs on rank 1 only: rank 0 never learns its width, yet the layouts agree
     side = dict((s, v) for s, v in ranks[0]["curves"]["act_max"]["side"])
     assert sorted(side) == list(range(STEPS))
+
+
+def _gpt2_batch(rank: int, step: int) -> torch.Tensor:
+    return torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(100 * step + rank))
+
+
+class RankGPT2(pl.LightningModule):
+    """A tiny GPT-2 without dropout at lr 0; rank r reads :func:`_gpt2_batch` ``(r, step)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import transformers
+
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=16,
+                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+        self.model = transformers.GPT2LMHeadModel(config)
+        with torch.no_grad():  # larger weights than the init, so the two ranks' batches read apart
+            for p in self.model.parameters():
+                p.mul_(3.0)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        ids = _gpt2_batch(self.global_rank, self.global_step)
+        return self.model(ids, labels=ids).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+class EntropyRecorder(pl.Callback):
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        monitor = next(c for c in trainer.callbacks if isinstance(c, HealthMonitor))
+        curves = {m: monitor.curves(m) for m in ("attn_entropy", "attn_logit_max")}
+        (Path(self.out_dir) / f"attn{trainer.global_rank}.json").write_text(json.dumps(curves))
+
+
+def test_attention_entropy_is_the_global_batchs_whatever_the_number_of_ranks(tmp_path):
+    """Entropy sums and row counts add across ranks: the reading equals one process's on both ranks' examples
+    (it was the per-head lowest rank mean, which drifts down as ranks are added)."""
+    pytest.importorskip("transformers")
+    monitor = HealthMonitor(every_n_steps=1, log_histograms=False, verbose=False, heatmap_every_n_samples=None)
+    data = DataLoader(TensorDataset(torch.zeros(2 * 2, 1)), batch_size=1)
+    trainer = pl.Trainer(**ddp_spawn_kwargs([monitor, EntropyRecorder(str(tmp_path))], max_steps=2))
+    trainer.fit(RankGPT2(), data)
+    reference = RankGPT2().model
+    reference.config._attn_implementation = "eager"
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"attn{rank}.json").read_text())
+        for step in (0, 1):
+            with torch.no_grad():
+                out = reference(torch.cat([_gpt2_batch(r, step) for r in (0, 1)]), output_attentions=True)
+            for layer, probs in enumerate(out.attentions):
+                name = f"model.transformer.h.{layer}.attn"
+                entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+                assert dict(got["attn_entropy"][name])[step] == pytest.approx(entropy.mean().item(), rel=1e-5)

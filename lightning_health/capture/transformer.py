@@ -6,10 +6,11 @@ step. On a sampled step each hook reduces on the device into fixed-size buffers 
 repeated calls fold in: entropy sums and row counts add, maxima take the max); nothing is read on
 the host. :meth:`TransformerCapture.pack` hands one float64 vector to the step's single transfer.
 
-Packed layout, reduced with ``max`` across DDP ranks (so it rides the ``shared_max`` part of the
-one collective): per attention module ``H`` negated per-head mean entropies (the max of a negation
-is the lowest: the worst rank's head), ``H`` per-head logit maxima, and the largest key count; per
-block ``massive_ratio`` and ``massive_channels``. ``-inf`` marks "not seen on this rank".
+Packed layout, two parts of the step's one collective. Summed across ranks: per attention module
+``H`` per-head entropy sums and ``H`` row counts, so the entropy is the global batch's whatever the
+number of ranks (zeros: not seen on this rank). Reduced with ``max``: per attention module ``H``
+per-head logit maxima and the largest key count, per block ``massive_ratio`` and
+``massive_channels`` (``-inf``: not seen on this rank).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -145,53 +146,72 @@ class TransformerCapture:
         self._massive[name] = totals if old is None else torch.maximum(old, totals)
 
     # -- the one transfer ------------------------------------------------------------------------
-    def pack(self, device: torch.device) -> Tensor:
-        """This step's readings as one float64 vector of the layout fixed at registration (see module doc)."""
-        parts: list[Tensor] = []
+    def pack(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """This step's readings in the layout fixed at registration (see the module doc): the part summed
+        across ranks and the part reduced with max, each one float64 vector."""
+        sums: list[Tensor] = []
+        maxima: list[Tensor] = []
         for state in self.attention:
             h = state.heads
-            if state.entropy is None or state.rows is None or state.top is None:
-                parts.append(torch.full((2 * h + 1,), -math.inf, dtype=torch.float64, device=device))
+            if state.entropy is None or state.rows is None or state.top is None:  # not seen on this rank
+                sums.append(torch.zeros(2 * h, dtype=torch.float64, device=device))
+                maxima.append(torch.full((h + 1,), -math.inf, dtype=torch.float64, device=device))
                 continue
-            mean = torch.where(state.rows > 0, state.entropy / state.rows.clamp_min(1), math.inf)
             keys = torch.full((1,), float(state.keys), dtype=torch.float64, device=device)  # a fill, no copy
-            parts += [(-mean).to(device), state.top.to(device, torch.float64), keys]
+            sums += [state.entropy.to(device, torch.float64), state.rows.to(device, torch.float64)]
+            maxima += [state.top.to(device, torch.float64), keys]
         for name in self.blocks:
             totals = self._massive.get(name)
-            parts.append(
+            maxima.append(
                 totals.to(device)
                 if totals is not None
                 else torch.full((2,), -math.inf, dtype=torch.float64, device=device)
             )
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+        return _cat(sums, device), _cat(maxima, device)
+
+    def sum_width(self) -> int:
+        return sum(2 * s.heads for s in self.attention)
 
     def width(self) -> int:
-        return sum(2 * s.heads + 1 for s in self.attention) + 2 * len(self.blocks)
+        return self.sum_width() + sum(s.heads + 1 for s in self.attention) + 2 * len(self.blocks)
 
     def unpack(self, host: list[float]) -> TransformerReadings:
+        """The readings from the host numbers of both parts, the summed one first."""
         out = TransformerReadings({}, {}, {}, {})
-        at = 0
+        sums, maxima = host[: self.sum_width()], host[self.sum_width() :]
+        at_sum = at_max = 0
         for state in self.attention:
             h = state.heads
-            neg, top, keys = host[at : at + h], host[at + h : at + 2 * h], host[at + 2 * h]
-            at += 2 * h + 1
-            heads = [-v for v in neg if math.isfinite(v)]
-            if not heads:
+            entropy, rows = sums[at_sum : at_sum + h], sums[at_sum + h : at_sum + 2 * h]
+            top, keys = maxima[at_max : at_max + h], maxima[at_max + h]
+            at_sum, at_max = at_sum + 2 * h, at_max + h + 1
+            heads = [e / r if r > 0 else math.inf for e, r in zip(entropy, rows)]  # inf: a head no rank read
+            seen = [v for v in heads if v != math.inf]
+            if not seen:
                 continue
             out.metrics[state.name] = {
-                "attn_entropy": sum(heads) / len(heads),
-                "attn_entropy_min": min(heads),
-                "attn_logit_max": max(top),
+                "attn_entropy": sum(seen) / len(seen),
+                "attn_entropy_min": _nan_or(min, seen),
+                "attn_logit_max": _nan_or(max, top),
             }
-            out.head_entropy[state.name] = [-v for v in neg]
+            out.head_entropy[state.name] = heads
             out.head_logit_max[state.name] = list(top)
             out.max_keys[state.name] = int(keys)
         for name in self.blocks:
-            ratio, share = host[at], host[at + 1]
-            at += 2
+            ratio, share = maxima[at_max], maxima[at_max + 1]
+            at_max += 2
             if math.isfinite(ratio):
                 out.metrics[name] = {"massive_ratio": ratio, "massive_channels": share}
         return out
+
+
+def _cat(parts: list[Tensor], device: torch.device) -> Tensor:
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+
+
+def _nan_or(fold: Callable[[list[float]], float], values: list[float]) -> float:
+    """``fold(values)``, NaN when one is NaN (Python's min and max would depend on where it stands)."""
+    return math.nan if any(math.isnan(v) for v in values) else fold(values)
 
 
 class _PreHook:

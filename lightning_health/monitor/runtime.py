@@ -195,14 +195,16 @@ class Runtime:
         learning, read = self.updates.after_step()  # after optimizer.step: before any rescue moves weights
         extra = [t for t in (norms, learning, overflow) if t is not None]  # one transfer
         device = accumulator.device()
-        shared_max = transformer_step.share(timing, self.transformer, device)
-        attention_width = 0 if self.transformer is None or not self.transformer else self.transformer.width()
+        shared_sum, shared_max = transformer_step.share(timing, self.transformer, device)
+        summed = 0 if shared_sum is None else shared_sum.numel()
+        maxed = 0 if self.transformer is None or not self.transformer else self.transformer.width() - summed
         try:
             landing = accumulator.launch_train_step(
                 torch.cat([t.to(device, torch.float64).reshape(-1) for t in extra]) if extra else None,
                 shared_max,
                 step=step,
                 defer=defer,
+                shared_sum=shared_sum,
             )
         finally:
             capture.reset()
@@ -212,14 +214,14 @@ class Runtime:
         def land() -> StepHost:
             readings, extra_host, shared = landing.land()
             learning_host = extra_host[n_norms : n_norms + n_learning]
-            cut = len(shared) - attention_width
+            cut = len(shared) - maxed  # [summed, timing, maxed]
             return StepHost(
                 readings,
                 extra_host[:n_norms],
                 self.updates.readings(learning_host, read) if learning is not None else {},
                 overflow is not None and extra_host[-1] > 0,
-                shared[:cut],
-                shared[cut:],
+                shared[summed:cut],
+                shared[:summed] + shared[cut:],
             )
 
         return Pending(landing.copy, land)

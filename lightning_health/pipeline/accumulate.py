@@ -159,6 +159,7 @@ class Accumulator:
         shared_max: Tensor | None = None,
         step: int | None = None,
         defer: bool | None = None,
+        shared_sum: Tensor | None = None,
     ) -> Pending[tuple[list[LayerReading], list[float], list[float]]]:
         """End a sampled training step on the device: pack, sync, window, start the one host copy.
 
@@ -170,11 +171,13 @@ class Accumulator:
             step: the global step, recorded in :attr:`last_fired` (not recorded when ``None``).
 
             defer: read the host copy later (see :class:`~lightning_health.pipeline.host_copy.HostCopy`).
+            shared_sum: per-rank numbers to sum in the same collective (e.g. attention entropy sums),
+                packed before ``shared_max``.
 
         Returns:
             A :class:`~lightning_health.pipeline.host_copy.Pending`: its ``land()`` gives one
             :class:`LayerReading` per monitored layer, and the host copies of ``extra`` and of the
-            synced ``shared_max``.
+            synced ``shared_sum`` followed by ``shared_max``.
         """
         device = self.device()
         distributed = world_size() > 1
@@ -185,6 +188,8 @@ class Accumulator:
             nonlocal plan, shared_at
             plan, packed = self._pack_train(distributed, device)
             shared_at = packed.offset
+            if shared_sum is not None:  # no min/max index: summed like the totals
+                packed.add(shared_sum.to(device=device, dtype=torch.float64))
             if shared_max is not None:
                 packed.max_idx += range(packed.offset, packed.offset + shared_max.numel())
                 packed.add(shared_max.to(device=device, dtype=torch.float64))

@@ -1,10 +1,10 @@
 """The transformer readings' share of a sampled step: onto the one collective, then into history and diagnosis.
 
-The packed vector (:meth:`~lightning_health.capture.transformer.TransformerCapture.pack`) is appended to
-the step's ``shared_max`` numbers, so it is reduced with ``max`` in the step's single collective and
-reaches the host in its single transfer. :func:`publish` turns the host numbers into logged scalars,
-per-head histograms and the diagnosis snapshot, with each layer's earlier levels (from the history)
-that the growth and drop rules compare against.
+The packed readings (:meth:`~lightning_health.capture.transformer.TransformerCapture.pack`) ride the
+step's single collective (the entropy sums and row counts summed across ranks, the maxima after the
+step's ``shared_max`` timings) and reach the host in its single transfer. :func:`publish` turns the
+host numbers into logged scalars, per-head histograms and the diagnosis snapshot, with each layer's
+earlier levels (from the history) that the growth and drop rules compare against.
 """
 
 from __future__ import annotations
@@ -30,12 +30,15 @@ _EARLIER = (
 )
 
 
-def share(timing: Tensor | None, capture: TransformerCapture | None, device: torch.device) -> Tensor | None:
-    """``timing`` followed by the transformer readings (both reduced with max across ranks)."""
+def share(
+    timing: Tensor | None, capture: TransformerCapture | None, device: torch.device
+) -> tuple[Tensor | None, Tensor | None]:
+    """``(summed, maxed)``: the transformer readings to sum across ranks, and ``timing`` followed by
+    those to reduce with max. The host numbers come back as ``[summed, timing, maxed]``."""
     if capture is None or not capture:
-        return timing
-    packed = capture.pack(device)
-    return packed if timing is None else torch.cat([timing.to(device, torch.float64), packed])
+        return None, timing
+    summed, maxed = capture.pack(device)
+    return summed, maxed if timing is None else torch.cat([timing.to(device, torch.float64), maxed])
 
 
 def _head_histogram(values: list[float], high: float) -> Histogram:
