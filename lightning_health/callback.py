@@ -73,7 +73,8 @@ class HealthMonitor(CallbackBase):
             caps shrink for deep nets; see :mod:`lightning_health.pipeline.history`).
         max_overhead: a budget, as a fraction of training time (e.g. ``0.01``): the monitor times
             its sampled steps against plain ones and widens or narrows the sampling interval to
-            stay inside it, starting from ``every_n_steps``. ``None`` keeps the fixed cadence.
+            stay inside it, starting from ``every_n_steps`` (at 1, the second step is left plain to
+            time one; at every step, one step in 50 is). ``None`` keeps the fixed cadence.
         burst_steps: when a finding turns critical (a NaN, an explosion, a layer dying), sample
             every step for this many steps so the moment things broke is recorded in detail.
             ``0`` disables bursts.

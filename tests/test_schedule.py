@@ -60,9 +60,25 @@ class _SlowSteps(pl.Callback):
             time.sleep(self.seconds)
 
 
-@pytest.mark.parametrize("slow_sampled,budget,grows", [(True, 0.01, True), (False, 0.9, False)])
-def test_the_budget_widens_or_narrows_the_interval(slow_sampled, budget, grows):
-    monitor = HealthMonitor(every_n_steps=4, max_overhead=budget, verbose=False)
+def test_a_budget_starting_at_every_step_times_a_plain_step_and_retimes_one_now_and_then():
+    """Starting at every step, no plain step would ever be timed and the budget could never act."""
+    schedule = SamplingSchedule(1, max_overhead=0.01)
+    assert schedule.should_sample(0)
+    schedule.after_sample(0, sampled_seconds=0.15, idle_seconds=float("nan"))
+    assert not schedule.should_sample(1) and schedule.should_sample(2)  # step 1 is timed as a plain step
+    schedule.after_sample(2, sampled_seconds=0.15, idle_seconds=0.10)
+    assert schedule.interval == 50
+    free = SamplingSchedule(1, max_overhead=0.9)
+    sampled = [s for s in range(200) if free.should_sample(s) and free.after_sample(s, 0.1, 0.1) is None]
+    unsampled = sorted(set(range(200)) - set(sampled))
+    assert unsampled == [50, 101, 152]  # every step, but one plain step after 50 sampled in a row
+
+
+@pytest.mark.parametrize(
+    "slow_sampled,budget,grows,every", [(True, 0.01, True, 4), (False, 0.9, False, 4), (True, 0.01, True, 1)]
+)
+def test_the_budget_widens_or_narrows_the_interval(slow_sampled, budget, grows, every):
+    monitor = HealthMonitor(every_n_steps=every, max_overhead=budget, verbose=False)
     train, _ = patient_loaders()
     slow = _SlowSteps(monitor, 0.03 if slow_sampled else 0.1, sampled=slow_sampled)
     trainer = pl.Trainer(callbacks=[slow, monitor], **trainer_kwargs(max_steps=40))

@@ -8,7 +8,9 @@ step's one synced vector), so ranks never disagree about which step is sampled:
 
 - **Overhead budget** (``max_overhead``): after each sampled step the interval is set so that the
   sampled step's extra time, spread over the interval, stays within the budget, e.g. 1% of the
-  plain step time. The interval starts at ``every_n_steps``.
+  plain step time. The interval starts at ``every_n_steps``. A plain step must be timed to know
+  the extra: while none has been (``every_n_steps=1``), the next step is left unsampled; while the
+  budget allows every step, one step in :data:`REMEASURE_AFTER` is, so a cost that changes is seen.
 - **Bursts**: when a finding turns critical or a non-finite value appears, every step is sampled
   for ``burst_steps`` steps, so the moment things broke is recorded in detail.
 """
@@ -21,6 +23,9 @@ import warnings
 from typing import Any
 
 MAX_INTERVAL = 1_000_000
+REMEASURE_AFTER = 50
+"""Sampled steps in a row after which a budget that allows every step leaves one step unsampled, to
+time a plain step again (the extra cost is measured against it)."""
 
 
 def validate_every_n_steps(every_n_steps: object) -> int:
@@ -78,6 +83,7 @@ class SamplingSchedule:
         self.interval = every_n_steps
         self.next_step = 0
         self.burst_until = -1
+        self._in_a_row = 0  # budget mode: consecutive sampled steps at interval 1
 
     def should_sample(self, step: int) -> bool:
         if step <= self.burst_until:
@@ -91,8 +97,12 @@ class SamplingSchedule:
         if self.max_overhead is None:
             return
         interval = budget_interval(sampled_seconds, idle_seconds, self.max_overhead)
-        if interval is not None:
-            self.interval = interval
+        if interval is None:  # no plain step timed yet: the next one stays plain, so one is
+            interval = max(self.interval, 2)
+        self._in_a_row = self._in_a_row + 1 if interval == 1 else 0
+        if self._in_a_row >= REMEASURE_AFTER:  # time a plain step again: the costs may have moved
+            interval, self._in_a_row = 2, 0
+        self.interval = interval
         self.next_step = step + self.interval
 
     def start_burst(self, step: int) -> bool:
