@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 from typing_extensions import override
@@ -53,7 +53,7 @@ class HealthMonitor(CallbackBase):
             ``0, N, 2N, ...`` are read. Steps in between cost no tensor work and no host sync.
         layers: which modules to read. ``None`` selects activation modules (falling back to
             Linear/Conv outputs); or a module type/tuple of types, a regex over qualified names,
-            a list of names, or a predicate ``(name, module) -> bool``.
+            a list of names and/or module types, or a predicate ``(name, module) -> bool``.
         thresholds: when readings become findings (see :class:`~lightning_health.Thresholds`).
         dead_window: how many sampled batches a unit must stay silent in to count as dead.
         histogram_bins: bins of the activation and gradient histograms (even).
@@ -166,6 +166,8 @@ class HealthMonitor(CallbackBase):
     ) -> None:
         self.name = check.optional_name("name", name)
         self.every_n_steps = validate_every_n_steps(every_n_steps)
+        if isinstance(layers, Iterator):  # a generator is read once here and again at set-up
+            layers = list(layers)
         validate_layer_spec(layers)
         self.layers = layers
         if thresholds is not None and not isinstance(thresholds, Thresholds):

@@ -53,6 +53,8 @@ def test_selection_by_type_pattern_names_and_predicate():
     assert [x.name for x in select_layers(model, r"^[13]$")] == ["1", "3"]
     assert [x.name for x in select_layers(model, ["2"])] == ["2"]
     assert [x.name for x in select_layers(model, lambda n, m: n == "3")] == ["3"]
+    assert [x.name for x in select_layers(model, [nn.ReLU, nn.Tanh])] == ["1", "3"]  # a list of types, as a tuple
+    assert [x.name for x in select_layers(model, [nn.Tanh, "0"])] == ["0", "3"]  # names and types mixed
 
 
 def test_conv_feature_maps_use_the_channel_axis():
@@ -80,3 +82,7 @@ def test_bad_layer_spec_is_rejected_by_name():
         HealthMonitor(layers=3.5)
     with pytest.raises(ValueError, match=r"`layers`.*regular expression"):
         HealthMonitor(layers="(unclosed")
+    with pytest.raises(TypeError, match=r"`layers` to list module names or module types.*got 3 \(int\)"):
+        HealthMonitor(layers=["fc", 3])
+    monitor = HealthMonitor(layers=(name for name in ["1", "3"]))  # a generator: read once, kept as a list
+    assert monitor.layers == ["1", "3"]

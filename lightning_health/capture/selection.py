@@ -45,7 +45,7 @@ from lightning_health.capture.profile import (
     recurrent_profile,
 )
 
-LayerSpec = None | type | tuple[type, ...] | str | Iterable[str] | Callable[[str, nn.Module], bool]
+LayerSpec = None | type | tuple[type, ...] | str | Iterable[str | type] | Callable[[str, nn.Module], bool]
 
 # torch.nn classes that live with the activations but are not elementwise activations.
 _NOT_ACTIVATIONS = (nn.MultiheadAttention, nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d)
@@ -153,8 +153,16 @@ def _matcher(layers: LayerSpec) -> Callable[[str, nn.Module], bool]:
 
         return guarded
     if isinstance(layers, Iterable):
-        names = set(layers)
-        return lambda name, _m: name in names
+        items = list(layers)
+        odd = [item for item in items if not isinstance(item, (str, type))]
+        if odd:
+            raise TypeError(
+                f"Expected `layers` to list module names or module types (e.g. ['encoder.act', nn.GELU]), "
+                f"got {odd[0]!r} ({type(odd[0]).__name__}) among them"
+            )
+        names = {item for item in items if isinstance(item, str)}
+        types = tuple(item for item in items if isinstance(item, type))
+        return lambda name, m: name in names or isinstance(m, types)
     raise TypeError(
         "Expected `layers` to be None, a module type or tuple of types, a regex string, a list of module "
         f"names, or a callable (name, module) -> bool, got {layers!r}"

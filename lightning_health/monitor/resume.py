@@ -39,7 +39,7 @@ def stable_layers_repr(layers: Any) -> str:
         qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
         return f"<predicate {module}.{qualname}>"
     if isinstance(layers, Iterable):
-        return repr(sorted(str(name) for name in layers))
+        return repr(sorted(_type_name(item) if isinstance(item, type) else str(item) for item in layers))
     return repr(layers)
 
 

@@ -65,7 +65,7 @@ def activation_edges(chosen: list[MonitoredLayer], bins: int) -> dict[str, Tenso
 def choose_layers(monitor: HealthMonitor, pl_module: Any) -> list[MonitoredLayer]:
     """The monitored layers, after one-line checks of the names the user gave."""
     if not isinstance(monitor.layers, (str, type, tuple)) and isinstance(monitor.layers, Iterable):
-        check_names_exist("layers", monitor.layers, pl_module)
+        check_names_exist("layers", [n for n in monitor.layers if isinstance(n, str)], pl_module)
     if isinstance(monitor.neuron_dim, dict):
         check_names_exist("neuron_dim", monitor.neuron_dim, pl_module)
     return select_layers(pl_module, monitor.layers, monitor.neuron_dim)
