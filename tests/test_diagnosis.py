@@ -89,7 +89,8 @@ def test_resolved_findings_stay_in_the_record():
     curves = {"dead_fraction": {"l": [(0, 0.3), (10, 0.0)]}}
     (f,) = diagnose_curves(curves)
     assert f.kind == "dead" and f.step == 0 and not f.active
-    assert "cleared" in str(f)
+    # seen at step 0, gone at step 10: "cleared by step 0" read as if it never lasted
+    assert str(f).endswith("(since step 0) (cleared after step 0)")
 
 
 @pytest.mark.parametrize(

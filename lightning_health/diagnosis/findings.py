@@ -68,7 +68,7 @@ class Finding:
         return self.peak_step >= 0 and self.peak_step != self.last_step and self.peak_message != self.message
 
     def __str__(self) -> str:
-        state = "" if self.active else f" (cleared by step {self.last_step})"
+        state = "" if self.active else f" (cleared after step {self.last_step})"  # its last reading showing it
         peak = f"; worst: [{self.peak_severity}] {self.peak_message} at step {self.peak_step}"
         peak = peak if self.peaked_earlier else ""
         return f"[{self.severity}] {self.layer}: {self.message} (since step {self.step}{peak}){state}"

@@ -53,7 +53,7 @@ def _table_order(finding: Finding) -> tuple[int, int]:
 
 def _status_cell(finding: Finding) -> str:
     if not finding.active:
-        return f"cleared by step {finding.last_step} (was {finding.severity})"
+        return f"cleared after step {finding.last_step} (was {finding.severity})"
     return f"**{finding.severity}**" if finding.severity == "critical" else finding.severity
 
 
