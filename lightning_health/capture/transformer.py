@@ -4,7 +4,8 @@ Registered once when fit starts (the layout of the packed vector is fixed then: 
 module its heads, per block two numbers), gated by :attr:`TransformerCapture.armed` on every other
 step. On a sampled step each hook reduces on the device into fixed-size buffers (micro-batches and
 repeated calls fold in: entropy sums and row counts add, maxima take the max); nothing is read on
-the host. :meth:`TransformerCapture.pack` hands one float64 vector to the step's single transfer.
+the host. :meth:`TransformerCapture.pack` hands two float64 vectors to the step's single collective
+and transfer.
 
 Packed layout, two parts of the step's one collective. Summed across ranks: per attention module
 ``H`` per-head entropy sums and ``H`` row counts, so the entropy is the global batch's whatever the
