@@ -194,6 +194,57 @@ def test_compiled_model_gives_the_same_readings_and_never_recompiles():
     torch._dynamo.reset()
 
 
+class _Trunk(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.a1, self.l2, self.a2 = nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a2(self.l2(self.a1(self.l1(x))))
+
+
+class FullgraphTrunk(pl.LightningModule):
+    """A trunk compiled with ``fullgraph=True`` (as a submodule or in place), then an eager head."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        trunk = _Trunk()  # not an nn.Sequential: torch 2.13 cannot compile its call in place with fullgraph=True
+        if how == "in_place":
+            trunk.compile(fullgraph=True, backend="aot_eager")
+        self.trunk = torch.compile(trunk, fullgraph=True, backend="aot_eager") if how == "submodule" else trunk
+        self.head = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.head(self.trunk(x)), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+@pytest.mark.parametrize("how", ["submodule", "in_place", "lightning"])
+def test_a_fullgraph_compiled_region_is_left_out_with_a_warning_not_a_crashed_run(how):
+    """Under fullgraph=True a hook's graph break is an error: the run stopped at its first compiled call."""
+    torch._dynamo.reset()
+    monitor = HealthMonitor(every_n_steps=2, verbose=False)
+    model: Any = FullgraphTrunk(how)
+    if how == "lightning":  # the whole LightningModule, as Trainer.fit takes a compiled one
+        model = torch.compile(model, fullgraph=True, backend="aot_eager")
+    trainer = pl.Trainer(callbacks=[monitor], **trainer_kwargs(max_steps=6, limit_val_batches=0))
+    with pytest.warns(
+        UserWarning,
+        match=r"leaves out `trunk(._orig_mod)?.a1`, `trunk(._orig_mod)?.a2`(, `head.1`)?: compiled with torch.compile",
+    ):
+        trainer.fit(model, patient_loaders()[0])
+    assert trainer.global_step == 6
+    read = monitor.curves("act_std")
+    assert all("trunk" not in name for name in read)
+    if how != "lightning":  # the eager head is still read, at every sampled step
+        assert [s for s, _ in read["head.1"]] == [0, 2, 4]
+    torch._dynamo.reset()
+
+
 # -- activation checkpointing and shared modules ---------------------------------------------------------
 class Blocks(pl.LightningModule):
     """Two Linear+ReLU blocks; optionally checkpointed, optionally one shared ReLU used after every Linear."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 from typing import Any
 
 import torch
@@ -66,15 +66,21 @@ def _heads_of(module: nn.Module) -> int:
 class TransformerCapture:
     """Attention and residual-block hooks of one model (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, specs: Mapping[str, AttentionSpec] | None = None) -> None:
-        self.attention = [_AttentionState(n, m, a) for n, m, a in find_attention(model, specs)]
+    def __init__(
+        self, model: nn.Module, specs: Mapping[str, AttentionSpec] | None = None, skip: Set[int] = frozenset()
+    ) -> None:
+        """``skip``: ``id`` of modules no hook may go on (inside ``torch.compile(fullgraph=True)``)."""
+        found = find_attention(model, specs)
+        self.left_out = [n for n, m, _a in found if id(m) in skip]  # recognised, but no hook may go there
+        self.attention = [_AttentionState(n, m, a) for n, m, a in found if id(m) not in skip]
         for state in self.attention:
             spec_heads = getattr(state.adapter, "heads", None)
             state.heads = spec_heads if isinstance(spec_heads, int) else _heads_of(state.module)
         self.attention = [s for s in self.attention if s.heads > 0]
-        self.unrecognised = _unrecognised_attention(model, {s.name for s in self.attention})
-        self.blocks = [name for name, _m in find_blocks(model)]
-        self._block_modules = dict(find_blocks(model))
+        skipped = {name for name, m in model.named_modules() if id(m) in skip}
+        self.unrecognised = _unrecognised_attention(model, {s.name for s in self.attention} | skipped)
+        self._block_modules = {name: m for name, m in find_blocks(model) if id(m) not in skip}
+        self.blocks = list(self._block_modules)
         self._massive: dict[str, Tensor] = {}
         self.armed = False
         self._handles: list[RemovableHandle] = []

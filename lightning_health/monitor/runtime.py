@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from lightning_health._compat import rank_zero
+from lightning_health.capture.fullgraph import fullgraph_modules
 from lightning_health.capture.heads import output_heads
 from lightning_health.capture.hooks import Capture, Mode, StepBuffers
 from lightning_health.capture.selection import MonitoredLayer, check_names_exist, select_layers
@@ -68,7 +69,18 @@ def choose_layers(monitor: HealthMonitor, pl_module: Any) -> list[MonitoredLayer
         check_names_exist("layers", [n for n in monitor.layers if isinstance(n, str)], pl_module)
     if isinstance(monitor.neuron_dim, dict):
         check_names_exist("neuron_dim", monitor.neuron_dim, pl_module)
-    return select_layers(pl_module, monitor.layers, monitor.neuron_dim)
+    chosen = select_layers(pl_module, monitor.layers, monitor.neuron_dim)
+    compiled = fullgraph_modules(pl_module)
+    left_out = [layer.name for layer in chosen if id(layer.module) in compiled]
+    if left_out:
+        warnings.warn(
+            f"HealthMonitor leaves out {', '.join(f'`{n}`' for n in left_out)}: compiled with "
+            "torch.compile(fullgraph=True), where its hooks would be graph breaks, an error there. Compile "
+            "without fullgraph=True to read them.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return [layer for layer in chosen if id(layer.module) not in compiled]
 
 
 class Runtime:
@@ -116,7 +128,14 @@ class Runtime:
         self.transformer: TransformerCapture | None = None
         if monitor.attention:
             specs = monitor.attention if isinstance(monitor.attention, dict) else None
-            found = TransformerCapture(pl_module, specs)
+            found = TransformerCapture(pl_module, specs, skip=fullgraph_modules(pl_module))
+            if found.left_out:
+                warnings.warn(
+                    f"HealthMonitor reads no attention from {', '.join(f'`{n}`' for n in found.left_out)}: compiled "
+                    "with torch.compile(fullgraph=True), where its hooks would be graph breaks, an error there.",
+                    UserWarning,
+                    stacklevel=3,
+                )
             if found.unrecognised:
                 warnings.warn(
                     f"HealthMonitor reads no attention entropy or logits from {', '.join(found.unrecognised)}: not a "
