@@ -102,6 +102,15 @@ def test_gpt2_under_bf16_autocast_is_read_from_its_own_bf16_queries_and_keys() -
         assert got.metrics[name]["attn_logit_max"] == pytest.approx(scores.amax().item(), rel=1e-5)
 
 
+def test_modules_no_hook_may_go_on_are_left_out_and_named_not_called_unrecognised() -> None:
+    """Inside a torch.compile(fullgraph=True) region (capture/fullgraph.py) the attention is not hooked."""
+    model = _gpt2()
+    skip = {id(m) for m in model.transformer.h[0].modules()}
+    cap = TransformerCapture(model, skip=skip)
+    assert cap.left_out == ["transformer.h.0.attn"] and cap.unrecognised == []
+    assert [s.name for s in cap.attention] == ["transformer.h.1.attn"] and cap.blocks == ["transformer.h.1"]
+
+
 def test_a_nan_head_makes_the_module_reading_nan_not_the_other_heads_mean() -> None:
     """A head whose queries hold NaN reads NaN, and so do the module's mean and lowest entropy: the
     mean of the finite heads alone would show a broken module as healthy."""
