@@ -19,6 +19,9 @@ from typing import Any
 
 from torch import nn
 
+WHY_LEFT_OUT = "compiled with torch.compile(fullgraph=True), where its hooks would be graph breaks, an error there"
+"""Why a module in :func:`fullgraph_modules` is not read, for the warnings that name them."""
+
 
 def fullgraph_modules(model: nn.Module) -> set[int]:
     """``id`` of every module that runs inside a region compiled with ``fullgraph=True``."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Mapping, Set
+from collections.abc import Mapping, Set
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_health.capture.attention import Adapter, AttentionSpec, find_attention, find_blocks
 from lightning_health.capture.hooks import first_tensor
 from lightning_health.readings.attention import attention_totals, massive_totals
+from lightning_health.readings.fused import nan_wins
 
 
 @dataclasses.dataclass
@@ -198,8 +199,8 @@ class TransformerCapture:
                 continue
             out.metrics[state.name] = {
                 "attn_entropy": sum(seen) / len(seen),
-                "attn_entropy_min": _nan_or(min, seen),
-                "attn_logit_max": _nan_or(max, top),
+                "attn_entropy_min": nan_wins(min, seen),
+                "attn_logit_max": nan_wins(max, top),
             }
             out.head_entropy[state.name] = heads
             out.head_logit_max[state.name] = list(top)
@@ -214,11 +215,6 @@ class TransformerCapture:
 
 def _cat(parts: list[Tensor], device: torch.device) -> Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
-
-
-def _nan_or(fold: Callable[[list[float]], float], values: list[float]) -> float:
-    """``fold(values)``, NaN when one is NaN (Python's min and max would depend on where it stands)."""
-    return math.nan if any(math.isnan(v) for v in values) else fold(values)
 
 
 class _PreHook:

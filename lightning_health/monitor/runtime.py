@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lightning_health._compat import rank_zero
-from lightning_health.capture.fullgraph import fullgraph_modules
+from lightning_health.capture.fullgraph import WHY_LEFT_OUT, fullgraph_modules
 from lightning_health.capture.heads import output_heads
 from lightning_health.capture.hooks import Capture, Mode, StepBuffers
 from lightning_health.capture.selection import MonitoredLayer, check_names_exist, select_layers
@@ -74,8 +74,7 @@ def choose_layers(monitor: HealthMonitor, pl_module: Any) -> list[MonitoredLayer
     left_out = [layer.name for layer in chosen if id(layer.module) in compiled]
     if left_out:
         warnings.warn(
-            f"HealthMonitor leaves out {', '.join(f'`{n}`' for n in left_out)}: compiled with "
-            "torch.compile(fullgraph=True), where its hooks would be graph breaks, an error there. Compile "
+            f"HealthMonitor leaves out {', '.join(f'`{n}`' for n in left_out)}: {WHY_LEFT_OUT}. Compile "
             "without fullgraph=True to read them.",
             UserWarning,
             stacklevel=3,
@@ -131,8 +130,8 @@ class Runtime:
             found = TransformerCapture(pl_module, specs, skip=fullgraph_modules(pl_module))
             if found.left_out:
                 warnings.warn(
-                    f"HealthMonitor reads no attention from {', '.join(f'`{n}`' for n in found.left_out)}: compiled "
-                    "with torch.compile(fullgraph=True), where its hooks would be graph breaks, an error there.",
+                    f"HealthMonitor reads no attention from {', '.join(f'`{n}`' for n in found.left_out)}: "
+                    f"{WHY_LEFT_OUT}.",
                     UserWarning,
                     stacklevel=3,
                 )

@@ -183,12 +183,21 @@ def gradient_floats(x: Tensor, buf: Tensor) -> list[float]:
     return [float(x.numel()), total, total_sq, max_abs, nonfinite(x, lo, hi, buf)]
 
 
+def nan_wins(fold: Callable[[list[float]], float], values: list[float]) -> float:
+    """``fold(values)`` (``min`` or ``max``), NaN when one is NaN: Python's own would depend on where it stands.
+
+    Example:
+        >>> nan_wins(min, [2.0, 1.0]), nan_wins(max, [1.0, math.nan])
+        (1.0, nan)
+    """
+    return math.nan if any(math.isnan(v) for v in values) else fold(values)
+
+
 def combine(parts: list[list[float]], mins: tuple[int, ...], maxes: tuple[int, ...]) -> list[float]:
     """Totals of the union of several chunks' float totals: sums add, ``mins``/``maxes`` combine (NaN wins)."""
     out = [math.fsum(column) for column in zip(*parts)]
     for i in mins + maxes:
-        column = [p[i] for p in parts]
-        out[i] = math.nan if any(math.isnan(v) for v in column) else (min if i in mins else max)(column)
+        out[i] = nan_wins(min if i in mins else max, [p[i] for p in parts])
     return out
 
 
